@@ -1,0 +1,116 @@
+"""``jobtunnel-forwarder``: wires settings, logging, metrics, auth and the SSH server."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+import anyio
+from prometheus_client import CollectorRegistry
+
+from daemons.forwarder.metrics import ForwarderMetrics
+from daemons.forwarder.server import Forwarder
+from daemons.forwarder.sessions import MemoryPublisher
+from daemons.forwarder.settings import ForwarderSettings
+from shared import config, hostkeys, logs
+from shared.auth import (
+    Authenticator,
+    FailureLimiter,
+    HubVerifier,
+    TokenFileVerifier,
+    TokenVerifier,
+)
+from shared.metrics import new_registry, serve_http
+
+log = logs.get_logger("jobtunnel.forwarder")
+
+
+def build_verifier(settings: ForwarderSettings, registry: CollectorRegistry) -> TokenVerifier:
+    if settings.auth == "hub":
+        assert settings.hub_api_url is not None
+        return HubVerifier(
+            settings.hub_api_url,
+            ca_bundle=settings.hub_ca_bundle,
+            verify_tls=settings.hub_verify_tls,
+            timeout=settings.hub_timeout,
+            cache_ttl=settings.auth_cache_ttl,
+            negative_cache_ttl=settings.auth_negative_cache_ttl,
+            required_scopes=settings.hub_required_scopes,
+            registry=registry,
+        )
+    assert settings.token_file is not None
+    return TokenFileVerifier(settings.token_file)
+
+
+async def serve(settings: ForwarderSettings) -> int:
+    registry = new_registry()
+    host_key = hostkeys.load_or_generate(settings.host_key)
+    verifier = build_verifier(settings, registry)
+    limiter = FailureLimiter(
+        max_failures=settings.auth_max_failures, window=settings.auth_failure_window
+    )
+    forwarder = Forwarder(
+        settings,
+        host_key=host_key,
+        authenticator=Authenticator(verifier, limiter, registry=registry),
+        publisher=MemoryPublisher(),
+        metrics=ForwarderMetrics(registry, port_capacity=len(settings.port_range)),
+    )
+    try:
+        async with (
+            serve_http(
+                settings.http,
+                registry,
+                ready_checks={"forwarder": forwarder.ready_check},
+                json_routes={"/tunnels": forwarder.tunnels},
+            ) as http,
+            anyio.create_task_group() as tg,
+        ):
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                ssh = await tg.start(forwarder.run)
+                log.info(
+                    "ready",
+                    ssh=str(ssh),
+                    http=str(http),
+                    host_key_fingerprint=hostkeys.fingerprint(host_key),
+                    auth=settings.auth,
+                )
+                async for signum in signals:
+                    log.info("stopping", signal=signal.Signals(signum).name)
+                    break
+            with anyio.move_on_after(settings.drain_timeout + 5):
+                await forwarder.drain()
+            tg.cancel_scope.cancel()
+    finally:
+        aclose = getattr(verifier, "aclose", None)
+        if aclose is not None:
+            with anyio.CancelScope(shield=True):
+                await aclose()
+    log.info("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="jobtunnel-forwarder",
+        description="SSH server exposing jobtunnel agents' services (see README).",
+    )
+    parser.add_argument("--config", type=Path, help="TOML file; JOBTUNNEL_* variables override it")
+    args = parser.parse_args(argv)
+    try:
+        settings = config.load(ForwarderSettings, config_file=args.config)
+        settings.check()
+    except config.ConfigError as exc:
+        print(f"jobtunnel-forwarder: configuration error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    logs.configure(level=settings.log_level)
+    for name in config.unknown_environment(ForwarderSettings, os.environ):
+        log.warning("unknown environment variable ignored", name=name)
+    sys.exit(anyio.run(serve, settings, backend="asyncio"))
+
+
+if __name__ == "__main__":
+    main()

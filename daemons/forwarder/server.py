@@ -1,0 +1,703 @@
+"""The forwarder's SSH policy: who may log in, and the little they may do.
+
+asyncssh calls the methods of :class:`_Connection` from its own callbacks. They
+only decide and hand work over: everything that takes time (hello handling,
+publication, heartbeat deadlines, token re-validation) runs in one task per
+connection, owned by the forwarder's task group, fed through a bounded inbox.
+
+Everything not explicitly granted is refused, logged with user, peer and
+reason, and counted: shell, exec, pty, env, X11 and agent forwarding,
+``direct-tcpip`` (a job must never reach into the cluster), unknown subsystems
+and services.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, cast
+
+import anyio
+import asyncssh
+from anyio.abc import TaskGroup, TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from daemons.forwarder.metrics import ForwarderMetrics
+from daemons.forwarder.ports import PortAllocator, PortsExhausted
+from daemons.forwarder.sessions import (
+    Forward,
+    Publisher,
+    Session,
+    SessionLimit,
+    SessionRegistry,
+    identity_of,
+)
+from daemons.forwarder.settings import ForwarderSettings
+from shared import protocol as p
+from shared.auth import Authenticator
+from shared.config import HostPort, Secret
+from shared.logs import get_logger
+
+log = get_logger("jobtunnel.forwarder")
+
+SUBSYSTEM = "jobtunnel"
+INBOX_SIZE = 64
+BIND_ATTEMPTS = 8
+
+
+@dataclass(frozen=True, slots=True)
+class _ForwardReady:
+    """Internal event: a plain SSH client's forward is set up."""
+
+    service: str
+
+
+@dataclass(frozen=True, slots=True)
+class _ChannelClosed:
+    reason: str
+
+
+_Event = p.Message | _ForwardReady | _ChannelClosed
+
+
+class Forwarder:
+    """Owns the SSH listener, the sessions and the per-connection tasks."""
+
+    def __init__(
+        self,
+        settings: ForwarderSettings,
+        *,
+        host_key: asyncssh.SSHKey,
+        authenticator: Authenticator,
+        publisher: Publisher,
+        metrics: ForwarderMetrics,
+    ) -> None:
+        self.settings = settings
+        self.host_key = host_key
+        self.authenticator = authenticator
+        self.publisher = publisher
+        self.metrics = metrics
+        self.registry = SessionRegistry(max_per_user=settings.max_sessions_per_user)
+        self.ports = PortAllocator(settings.port_range)
+        self.unauthenticated = 0
+        self.draining = False
+        self._tg: TaskGroup | None = None
+        self._server: asyncssh.SSHAcceptor | None = None
+        self._connections: set[_Connection] = set()
+        self._connections_changed = anyio.Event()
+
+    @property
+    def advertise_host(self) -> str:
+        return self.settings.advertise_host or self.settings.service_host
+
+    def tunnels(self) -> list[dict[str, object]]:
+        return [s.describe(self.advertise_host) for s in self.registry.published()]
+
+    def ready_check(self) -> str | None:
+        if self._server is None:
+            return "ssh listener not started"
+        if self.draining:
+            return "draining"
+        if not self.authenticator.available:
+            return "token authority unavailable"
+        return None
+
+    async def run(self, *, task_status: TaskStatus[HostPort] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled; reports the bound SSH address once listening."""
+        s = self.settings
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            self._server = await asyncssh.create_server(
+                lambda: _Connection(self),
+                s.listen.host,
+                s.listen.port,
+                server_host_keys=[self.host_key],
+                server_version="jobtunnel",
+                login_timeout=s.login_timeout,
+                keepalive_interval=s.keepalive_interval,
+                keepalive_count_max=s.keepalive_count_max,
+                agent_forwarding=False,
+                x11_forwarding=False,
+                allow_pty=False,
+                allow_scp=False,
+                encoding=None,
+                line_editor=False,
+                reuse_address=True,
+            )
+            port = self._server.sockets[0].getsockname()[1]
+            log.info("listening", ssh=str(HostPort(s.listen.host, port)))
+            task_status.started(HostPort(s.listen.host, port))
+            try:
+                await anyio.sleep_forever()
+            finally:
+                self._server.close()
+                for conn in list(self._connections):
+                    conn.close("forwarder stopping")
+                tg.cancel_scope.cancel()
+
+    async def drain(self) -> None:
+        """Stop accepting, ask every agent to reconnect elsewhere, wait a bounded time."""
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self._connections):
+            conn.send_drain("forwarder shutting down")
+        with anyio.move_on_after(self.settings.drain_timeout):
+            while self._connections:
+                self._connections_changed = anyio.Event()
+                await self._connections_changed.wait()
+        for conn in list(self._connections):
+            conn.close("forwarder shutting down")
+        log.info("drained", remaining=len(self._connections))
+
+    # Called by connections.
+
+    def start_connection_task(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        assert self._tg is not None
+        self._tg.start_soon(fn)
+
+    def refuse(self, kind: str, reason: str, *, user: str | None, peer: str, **extra: Any) -> None:
+        self.metrics.refusals.labels(kind=kind).inc()
+        log.warning("refused", kind=kind, reason=reason, user=user, peer=peer, **extra)
+
+
+class _PolicyChannel(asyncssh.SSHServerChannel):  # type: ignore[type-arg]
+    """asyncssh accepts ``env`` silently and refuses pty/X11/agent without telling us.
+
+    These overrides (asyncssh dispatches channel requests to ``_process_<type>_request``)
+    make each of them an explicit, logged and counted refusal.
+    """
+
+    _policy_refuse: Callable[[str, str], None]
+
+    def _process_env_request(self, packet: Any) -> bool:
+        key = packet.get_string()
+        packet.get_string()  # the value is not ours to log
+        packet.check_end()
+        self._policy_refuse("env", f"environment variables are not accepted ({key[:64]!r})")
+        return False
+
+    def _process_pty_req_request(self, packet: Any) -> bool:
+        self._policy_refuse("pty", "no terminals here")
+        return False
+
+    def _process_x11_req_request(self, packet: Any) -> bool:
+        self._policy_refuse("x11", "X11 forwarding is not offered")
+        return False
+
+    def _process_auth_agent_req_at_openssh_dot_com_request(  # type: ignore[override]
+        self, packet: Any
+    ) -> bool:
+        packet.check_end()
+        self._policy_refuse("agent-forwarding", "agent forwarding is not offered")
+        return False
+
+
+class _ControlSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
+    """One SSH session channel: the jobtunnel subsystem, nothing else."""
+
+    def __init__(self, conn: _Connection) -> None:
+        self._conn = conn
+        self._chan: asyncssh.SSHServerChannel[bytes] | None = None
+        self.is_control = False
+
+    def connection_made(self, chan: Any) -> None:
+        self._chan = chan
+
+    def shell_requested(self) -> bool:
+        self._conn.refuse("shell", "no shell here")
+        return False
+
+    def exec_requested(self, command: str) -> bool:
+        self._conn.refuse("exec", "no commands here", command=command[:200])
+        return False
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        if subsystem != SUBSYSTEM:
+            self._conn.refuse("subsystem", f"unknown subsystem {subsystem[:64]!r}")
+            return False
+        if not self._conn.attach_control(self):
+            return False
+        self.is_control = True
+        return True
+
+    def data_received(self, data: bytes, datatype: Any) -> None:
+        self._conn.control_data(data)
+
+    def eof_received(self) -> bool:
+        if self.is_control:
+            self._conn.deliver(_ChannelClosed("control channel closed by agent"))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.is_control:
+            self._conn.deliver(_ChannelClosed("control channel lost"))
+
+    def write(self, data: bytes) -> None:
+        if self._chan is not None and not self._chan.is_closing():
+            self._chan.write(data)
+
+    def close(self) -> None:
+        if self._chan is not None:
+            self._chan.close()
+
+
+class _Connection(asyncssh.SSHServer):
+    """One SSH connection: authentication, policy decisions, and its session task."""
+
+    def __init__(self, forwarder: Forwarder) -> None:
+        self.fw = forwarder
+        self.conn: asyncssh.SSHServerConnection | None = None
+        self.peer = "?"
+        self.peer_host = "?"
+        self.user: str | None = None
+        self.authenticated = False
+        self.token: Secret | None = None
+        self.session: Session | None = None
+        self.control: _ControlSession | None = None
+        self.conversation = p.Conversation(p.Role.FORWARDER)
+        self.reserved: dict[str, int] = {}
+        self.closed = False
+        send, receive = anyio.create_memory_object_stream[_Event](INBOX_SIZE)
+        self._inbox_send: MemoryObjectSendStream[_Event] = send
+        self._inbox: MemoryObjectReceiveStream[_Event] = receive
+        self._counted_unauth = False
+        self.end_reason: str | None = None
+
+    # asyncssh callbacks: connection and authentication
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self.conn = conn
+        peername = conn.get_extra_info("peername") or ("?", 0)
+        self.peer_host = str(peername[0])
+        self.peer = f"{peername[0]}:{peername[1]}"
+        if self.fw.draining:
+            self.refuse("draining", "forwarder is shutting down")
+            conn.close()
+            return
+        if self.fw.unauthenticated >= self.fw.settings.max_unauthenticated:
+            self.refuse("unauthenticated-limit", "too many unauthenticated connections")
+            conn.close()
+            return
+        self.fw.unauthenticated += 1
+        self._counted_unauth = True
+        self.fw.metrics.unauthenticated.set(self.fw.unauthenticated)
+        self.fw._connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._leave_unauthenticated()
+        self.closed = True
+        self.fw._connections.discard(self)
+        self.fw._connections_changed.set()
+        self._inbox_send.close()
+        if self.session is None:
+            for port in self.reserved.values():
+                self.fw.ports.release(port)
+            self.reserved.clear()
+
+    def begin_auth(self, username: str) -> bool:
+        self.user = username
+        return True
+
+    def public_key_auth_supported(self) -> bool:
+        return False
+
+    def password_auth_supported(self) -> bool:
+        return True
+
+    def kbdint_auth_supported(self) -> bool:
+        return True
+
+    def get_kbdint_challenge(self, username: str, lang: str, submethods: str) -> Any:
+        return ("", "", "", [("JupyterHub token: ", False)])
+
+    async def validate_kbdint_response(self, username: str, responses: Any) -> bool:
+        return len(responses) == 1 and await self.validate_password(username, responses[0])
+
+    async def validate_password(self, username: str, password: str) -> bool:
+        decision = await self.fw.authenticator.login(username, password, self.peer_host)
+        if decision.ok:
+            self.token = Secret(password)
+        return decision.ok
+
+    def auth_completed(self) -> None:
+        self._leave_unauthenticated()
+        self.authenticated = True
+        assert self.user is not None
+        self.session = Session(
+            id=secrets.token_hex(6),
+            user=self.user,
+            peer=self.peer,
+            mode="ssh",
+            close=self.close,
+        )
+        self.fw.registry.add(self.session)
+        self.fw.metrics.sessions_started.inc()
+        log.info("authenticated", user=self.user, peer=self.peer, session=self.session.id)
+        self.fw.start_connection_task(self._run)
+
+    def _leave_unauthenticated(self) -> None:
+        if self._counted_unauth:
+            self._counted_unauth = False
+            self.fw.unauthenticated -= 1
+            self.fw.metrics.unauthenticated.set(self.fw.unauthenticated)
+
+    # asyncssh callbacks: what the authenticated client asks for
+
+    def session_requested(self) -> Any:
+        assert self.conn is not None
+        chan = self.conn.create_server_channel(encoding=None)
+        chan.__class__ = _PolicyChannel
+        cast(_PolicyChannel, chan)._policy_refuse = lambda kind, reason: self.refuse(kind, reason)
+        return chan, _ControlSession(self)
+
+    def connection_requested(
+        self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
+    ) -> bool:
+        self.refuse(
+            "direct-tcpip",
+            "connections into the cluster are not offered",
+            dest=f"{dest_host[:64]}:{dest_port}",
+        )
+        return False
+
+    def unix_connection_requested(self, dest_path: str) -> bool:
+        self.refuse("direct-streamlocal", "unix socket forwarding is not offered")
+        return False
+
+    def unix_server_requested(self, listen_path: str) -> bool:
+        self.refuse("streamlocal-forward", "unix socket forwarding is not offered")
+        return False
+
+    def tun_requested(self, unit: int | None) -> bool:
+        self.refuse("tun", "tunnel devices are not offered")
+        return False
+
+    def tap_requested(self, unit: int | None) -> bool:
+        self.refuse("tap", "tunnel devices are not offered")
+        return False
+
+    async def server_requested(self, listen_host: str, listen_port: int) -> Any:
+        session = self.session
+        service = listen_host
+        if session is None or self.closed:
+            return False
+        if service not in self.fw.settings.allowed_services:
+            self.refuse("service", f"service {service[:64]!r} is not allowed", service=service[:64])
+            return False
+        if service in session.forwards:
+            self.refuse("service", f"service {service!r} is already forwarded")
+            return False
+        if self.control is not None:
+            if service not in self.reserved:
+                self.refuse("service", f"service {service!r} was not announced in hello")
+                return False
+        else:
+            try:
+                self.fw.registry.check_limit(session)
+            except SessionLimit as exc:
+                self.refuse("session-limit", str(exc))
+                return False
+        listener = await self._bind(service, listen_port)
+        if listener is None:
+            return False
+        if self.control is None:
+            self.deliver(_ForwardReady(service))
+        return listener
+
+    async def _bind(self, service: str, requested_port: int) -> Any:
+        """Listen for ``service`` on a port of the range; a port taken by others is skipped."""
+        assert self.conn is not None
+        assert self.session is not None
+        host = self.fw.settings.service_host
+        for _ in range(BIND_ATTEMPTS):
+            port = self.reserved.get(service)
+            if port is None:
+                try:
+                    port = self.fw.ports.reserve()
+                except PortsExhausted as exc:
+                    self.refuse("ports-exhausted", str(exc))
+                    return None
+                self.reserved[service] = port
+            try:
+                # The channel names the service and the port the client asked
+                # for: that is the key under which the client registered it.
+                listener = await self.conn.forward_local_port(
+                    host, port, service, requested_port or port
+                )
+            except OSError as exc:
+                log.warning("port busy", port=port, error=str(exc), session=self.session.id)
+                del self.reserved[service]  # stays reserved in the allocator: someone has it
+                continue
+            self.session.forwards[service] = Forward(service, host, port, requested_port)
+            self.fw.metrics.ports_in_use.set(self.fw.ports.in_use)
+            return listener
+        self.refuse("bind", f"no free port for {service!r} after {BIND_ATTEMPTS} attempts")
+        return None
+
+    # Control channel plumbing
+
+    def attach_control(self, control: _ControlSession) -> bool:
+        if self.control is not None:
+            self.refuse("subsystem", "only one control channel per connection")
+            return False
+        if self.session is not None and self.session.forwards:
+            self.refuse("subsystem", "the control channel must come before any forward")
+            return False
+        self.control = control
+        if self.session is not None:
+            self.session.mode = "agent"
+        return True
+
+    def control_data(self, data: bytes) -> None:
+        try:
+            messages = self.conversation.receive_data(data)
+        except p.ProtocolError as exc:
+            # A bye (or anything valid) just before the garbage still counts.
+            for message in exc.decoded:
+                self.deliver(message)
+            self.protocol_error(exc)
+            return
+        for message in messages:
+            self.deliver(message)
+
+    def deliver(self, event: _Event) -> None:
+        try:
+            self._inbox_send.send_nowait(event)
+        except anyio.WouldBlock:
+            self.protocol_error(p.ProtocolError("flooding", "too many messages unanswered"))
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            pass
+
+    def send(self, message: p.Message) -> None:
+        if self.control is None:
+            return
+        try:
+            self.control.write(self.conversation.send(message))
+        except p.ProtocolError:
+            log.exception("internal protocol misuse", message=type(message).__name__)
+
+    def send_drain(self, reason: str) -> None:
+        if self.control is not None and self.conversation.state is not p.ConversationState.CLOSED:
+            self.send(p.Drain(reason=reason, retry_after=0.0))
+        elif self.control is None:
+            self.close(reason)
+
+    def protocol_error(self, exc: p.ProtocolError) -> None:
+        self.fw.metrics.protocol_errors.labels(code=exc.code).inc()
+        self.refuse("protocol", str(exc), code=exc.code)
+        if self.control is not None:
+            self.control.write(p.encode(exc.as_error()))
+            self.control.close()
+        self.close(f"protocol error: {exc}")
+
+    def refuse(self, kind: str, reason: str, **extra: Any) -> None:
+        self.fw.refuse(kind, reason, user=self.user, peer=self.peer, **extra)
+
+    def close(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.session is not None:
+            log.info("closing", session=self.session.id, user=self.user, reason=reason)
+        self.end_reason = reason
+        self._inbox_send.close()
+        if self.conn is not None:
+            self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, reason[:200])
+
+    # The session task: everything with a deadline or an await.
+
+    async def _run(self) -> None:
+        session = self.session
+        assert session is not None
+        reason = "connection closed"
+        try:
+            reason = await self._serve(session)
+        except Exception as exc:  # one bad peer must never take the forwarder down
+            log.exception("session failed", session=session.id, user=session.user)
+            reason = f"internal error: {type(exc).__name__}"
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._finish(session, self.end_reason or reason)
+
+    async def _serve(self, session: Session) -> str:
+        settings = self.fw.settings
+        deadline = anyio.current_time() + settings.login_timeout
+        async with anyio.create_task_group() as tg:
+            if self.token is not None:
+                tg.start_soon(self._revalidate, session)
+            async with self._inbox:
+                while True:
+                    if session.published and self.control is not None:
+                        timeout = 3 * settings.heartbeat_interval
+                    elif session.published:
+                        timeout = math.inf  # plain SSH: asyncssh keepalives watch it
+                    else:
+                        timeout = max(0.0, deadline - anyio.current_time())
+                    with anyio.move_on_after(timeout) as scope:
+                        try:
+                            event = await self._inbox.receive()
+                        except anyio.EndOfStream:
+                            break
+                    if scope.cancelled_caught:
+                        what = "heartbeat" if session.published else "ready"
+                        self.close(f"no {what} within {timeout:.0f}s")
+                        break
+                    outcome = await self._handle(session, event)
+                    if outcome is not None:
+                        self.close(outcome)
+                        break
+            tg.cancel_scope.cancel()
+        return "connection closed"
+
+    async def _handle(self, session: Session, event: _Event) -> str | None:
+        """Act on one event; returns a reason to end the session, or None."""
+        if isinstance(event, _ChannelClosed):
+            return event.reason
+        if isinstance(event, _ForwardReady):
+            if not session.published:
+                await self._publish(session)
+            return None
+        if isinstance(event, p.Hello):
+            return self._hello(session, event)
+        if isinstance(event, p.Ready):
+            missing = sorted(set(self.reserved) - set(session.forwards))
+            if missing:
+                log.warning("ready with missing forwards", session=session.id, missing=missing)
+            await self._publish(session)
+            return None
+        if isinstance(event, p.Heartbeat):
+            now = time.time()
+            session.last_heartbeat = now
+            session.counters = event.counters
+            session.services_up.update(event.counters.services_up)
+            self.fw.metrics.observe_counters(session)
+            self.send(p.HeartbeatAck(seq=event.seq, sent_at=event.sent_at, received_at=now))
+            return None
+        if isinstance(event, p.ServiceStatus):
+            session.services_up[event.name] = event.up
+            log.info("service", session=session.id, service=event.name, up=event.up)
+            return None
+        if isinstance(event, p.Bye):
+            return f"agent said bye: {event.reason}"
+        if isinstance(event, p.Error):
+            log.warning("agent error", session=session.id, code=event.code, message=event.message)
+            return f"agent error: {event.code}" if event.fatal else None
+        return None
+
+    def _hello(self, session: Session, hello: p.Hello) -> str | None:
+        try:
+            version = p.negotiate(hello.versions)
+        except p.ProtocolError as exc:
+            self.send(p.Error(code=exc.code, message=str(exc), fatal=True))
+            return str(exc)
+        session.identity = identity_of(session.user, hello.pod, hello.job, hello.instance_id)
+        session.instance_id = hello.instance_id
+        session.agent_version = hello.agent_version
+        session.job, session.pod, session.private_ip = hello.job, hello.pod, hello.private_ip
+        try:
+            self.fw.registry.check_limit(session)
+        except SessionLimit as exc:
+            self.refuse("session-limit", str(exc))
+            self.send(p.Error(code="session-limit", message=str(exc), fatal=True))
+            return str(exc)
+        addresses = []
+        for service in hello.services:
+            if service.name not in self.fw.settings.allowed_services:
+                self.refuse("service", f"service {service.name!r} is not allowed")
+                continue
+            try:
+                port = self.fw.ports.reserve()
+            except PortsExhausted as exc:
+                self.refuse("ports-exhausted", str(exc))
+                self.send(p.Error(code="ports-exhausted", message=str(exc), fatal=True))
+                return str(exc)
+            self.reserved[service.name] = port
+            addresses.append(
+                p.ServiceAddress(name=service.name, host=self.fw.advertise_host, port=port)
+            )
+        self.send(
+            p.Welcome(
+                version=version,
+                session_id=session.id,
+                heartbeat_interval=self.fw.settings.heartbeat_interval,
+                services=tuple(addresses),
+            )
+        )
+        log.info(
+            "hello",
+            session=session.id,
+            user=session.user,
+            identity=":".join(session.identity),
+            job=hello.job.global_job_id if hello.job else None,
+            pod=f"{hello.pod.namespace}/{hello.pod.name}" if hello.pod else None,
+            private_ip=hello.private_ip,
+            services=[s.name for s in hello.services],
+        )
+        return None
+
+    async def _publish(self, session: Session) -> None:
+        old = self.fw.registry.publish(session)
+        self.fw.metrics.update_sessions(self.fw.registry)
+        if old is not None:
+            self.fw.metrics.takeovers.inc()
+            log.info("takeover", session=session.id, replaced=old.id, user=session.user)
+            old.close(f"replaced by session {session.id}")
+            await self.fw.publisher.unpublish(old, f"replaced by session {session.id}")
+        await self.fw.publisher.publish(session)
+        log.info(
+            "published",
+            session=session.id,
+            user=session.user,
+            mode=session.mode,
+            services={n: f.port for n, f in session.forwards.items()},
+        )
+
+    async def _revalidate(self, session: Session) -> None:
+        """A revoked or expired token ends the session; a hub outage does not."""
+        assert self.token is not None
+        while True:
+            await anyio.sleep(self.fw.settings.revalidate_interval)
+            decision = await self.fw.authenticator.revalidate(session.user, self.token.reveal())
+            if decision.outcome.value == "reject":
+                message = f"token no longer valid: {decision.reason}"
+                self.send(p.Error(code="auth-revoked", message=message, fatal=True))
+                self.close(message)
+                return
+
+    async def _finish(self, session: Session, reason: str) -> None:
+        was_published = self.fw.registry.remove(session)
+        for port in self.reserved.values():
+            self.fw.ports.release(port)
+        self.reserved.clear()
+        self.fw.metrics.ports_in_use.set(self.fw.ports.in_use)
+        self.fw.metrics.forget(session)
+        self.fw.metrics.update_sessions(self.fw.registry)
+        self.fw.metrics.sessions_ended.labels(reason=_reason_code(reason)).inc()
+        if was_published:
+            await self.fw.publisher.unpublish(session, reason)
+        log.info("session ended", session=session.id, user=session.user, reason=reason)
+        if not self.closed:
+            self.close(reason)
+
+
+def _reason_code(reason: str) -> str:
+    """Bounded label values for the ended-sessions metric."""
+    for prefix, code in (
+        ("agent said bye", "bye"),
+        ("replaced", "replaced"),
+        ("no heartbeat", "heartbeat-timeout"),
+        ("no ready", "ready-timeout"),
+        ("protocol error", "protocol-error"),
+        ("token no longer valid", "token-revoked"),
+        ("forwarder", "shutdown"),
+        ("control channel", "channel-closed"),
+        ("agent error", "agent-error"),
+        ("internal error", "internal-error"),
+    ):
+        if reason.startswith(prefix):
+            return code
+    return "disconnected"

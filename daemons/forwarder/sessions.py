@@ -1,0 +1,183 @@
+"""Live sessions: who is connected, what they expose, and which one is published.
+
+The registry is the forwarder's single source of truth for ``/tunnels`` and for
+publishers. Takeover is one synchronous step (no ``await`` between removing the
+old session and adding the new one), so no observer ever sees both or neither.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from shared.protocol import AgentCounters, JobInfo, PodInfo
+
+
+@dataclass(slots=True)
+class Forward:
+    """One service exposed for a session: where the cluster reaches it."""
+
+    service: str
+    host: str
+    port: int
+    requested_port: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class Session:
+    id: str
+    user: str
+    peer: str
+    mode: str  # "agent" (control channel) or "ssh" (plain client, forwards only)
+    since: float = field(default_factory=time.time)
+    identity: tuple[str, str] | None = None
+    instance_id: str | None = None
+    agent_version: str | None = None
+    job: JobInfo | None = None
+    pod: PodInfo | None = None
+    private_ip: str | None = None
+    forwards: dict[str, Forward] = field(default_factory=dict)
+    services_up: dict[str, bool] = field(default_factory=dict)
+    last_heartbeat: float | None = None
+    rtt: float | None = None
+    counters: AgentCounters = field(default_factory=AgentCounters)
+    published: bool = False
+    # Set by the server: ends the SSH connection with a reason the agent sees.
+    close: Callable[[str], None] = field(default=lambda _reason: None, repr=False)
+
+    def describe(self, advertise_host: str | None = None) -> dict[str, object]:
+        """The ``/tunnels`` entry: everything an operator needs, nothing secret."""
+        return {
+            "id": self.id,
+            "user": self.user,
+            "peer": self.peer,
+            "mode": self.mode,
+            "identity": ":".join(self.identity) if self.identity else None,
+            "job": _job_dict(self.job),
+            "pod": _pod_dict(self.pod),
+            "private_ip": self.private_ip,
+            "since": _iso(self.since),
+            "last_heartbeat": _iso(self.last_heartbeat),
+            "rtt_seconds": self.rtt,
+            "agent_version": self.agent_version,
+            "services": {
+                name: _address(advertise_host or fwd.host, fwd.port)
+                for name, fwd in sorted(self.forwards.items())
+            },
+            "services_up": dict(self.services_up),
+        }
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+
+
+def _job_dict(job: JobInfo | None) -> dict[str, object] | None:
+    if job is None:
+        return None
+    return {
+        "global_job_id": job.global_job_id,
+        "cluster_id": job.cluster_id,
+        "proc_id": job.proc_id,
+        "schedd": job.schedd,
+    }
+
+
+def _pod_dict(pod: PodInfo | None) -> dict[str, str] | None:
+    if pod is None:
+        return None
+    return {"namespace": pod.namespace, "name": pod.name, "uid": pod.uid}
+
+
+def identity_of(
+    user: str, pod: PodInfo | None, job: JobInfo | None, instance_id: str
+) -> tuple[str, str]:
+    """The most specific thing a session is: two schedulers of one user never collide."""
+    if pod is not None:
+        return (user, f"pod:{pod.uid}")
+    if job is not None:
+        return (user, f"job:{job.global_job_id}")
+    return (user, f"instance:{instance_id}")
+
+
+class Publisher(Protocol):
+    """Where published sessions go besides ``/tunnels`` (e.g. Kubernetes Tunnel objects)."""
+
+    async def publish(self, session: Session) -> None: ...
+
+    async def unpublish(self, session: Session, reason: str) -> None: ...
+
+
+class MemoryPublisher:
+    """Standalone mode: the registry itself is the publication (``/tunnels``)."""
+
+    async def publish(self, session: Session) -> None:
+        return None
+
+    async def unpublish(self, session: Session, reason: str) -> None:
+        return None
+
+
+class SessionLimit(Exception):
+    """A user already has as many sessions as allowed."""
+
+
+class SessionRegistry:
+    def __init__(self, *, max_per_user: int) -> None:
+        self._max_per_user = max_per_user
+        self._live: dict[str, Session] = {}
+        self._published: dict[tuple[str, str], Session] = {}
+
+    def __iter__(self) -> Iterator[Session]:
+        return iter(list(self._live.values()))
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def published(self) -> list[Session]:
+        return sorted(self._published.values(), key=lambda s: s.since)
+
+    def add(self, session: Session) -> None:
+        self._live[session.id] = session
+
+    def check_limit(self, session: Session) -> None:
+        """Refuse a new identity beyond the per-user limit; a takeover is always fine."""
+        if session.identity is not None and session.identity in self._published:
+            return
+        others = [s for s in self._live.values() if s.user == session.user and s is not session]
+        replaced = {s.identity for s in others if s.identity == session.identity}
+        if len(others) - len(replaced) >= self._max_per_user:
+            raise SessionLimit(
+                f"user {session.user!r} already has {len(others)} sessions "
+                f"(limit {self._max_per_user})"
+            )
+
+    def publish(self, session: Session) -> Session | None:
+        """Publish ``session``; returns the session it replaced, already unpublished."""
+        key = session.identity or (session.user, f"session:{session.id}")
+        old = self._published.get(key)
+        if old is session:
+            return None
+        if old is not None:
+            old.published = False
+        self._published[key] = session
+        session.published = True
+        return old
+
+    def remove(self, session: Session) -> bool:
+        """Forget ``session``; True if it was the published one for its identity."""
+        self._live.pop(session.id, None)
+        key = session.identity or (session.user, f"session:{session.id}")
+        if self._published.get(key) is session:
+            del self._published[key]
+            session.published = False
+            return True
+        return False

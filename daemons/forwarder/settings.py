@@ -1,0 +1,54 @@
+"""The forwarder's settings: every option a TOML key and a ``JOBTUNNEL_*`` variable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared import config as c
+
+
+@dataclass(frozen=True, slots=True)
+class ForwarderSettings:
+    listen: c.HostPort = c.option(c.listen_address, c.HostPort("0.0.0.0", 31022))
+    http: c.HostPort = c.option(c.listen_address, c.HostPort("0.0.0.0", 8080))
+    host_key: Path = c.option(c.path, Path("/var/lib/jobtunnel/ssh_host_ed25519_key"))
+    auth: str = c.option(c.choice("token-file", "hub"), "token-file")
+    token_file: Path | None = c.option(c.optional_path, None)
+    hub_api_url: str | None = c.option(c.optional_string, None)
+    hub_ca_bundle: Path | None = c.option(c.optional_path, None)
+    hub_verify_tls: bool = c.option(c.boolean, True)
+    hub_timeout: float = c.option(c.positive_float, 5.0)
+    hub_required_scopes: tuple[str, ...] = c.option(c.string_list, ())
+    auth_cache_ttl: float = c.option(c.positive_float, 60.0)
+    auth_negative_cache_ttl: float = c.option(c.positive_float, 10.0)
+    auth_max_failures: int = c.option(c.positive_int, 10)
+    auth_failure_window: float = c.option(c.positive_float, 60.0)
+    revalidate_interval: float = c.option(c.positive_float, 180.0)
+    port_range: c.PortRange = c.option(c.port_range, c.PortRange(40000, 40999))
+    service_host: str = c.option(c.string, "127.0.0.1")
+    advertise_host: str | None = c.option(c.optional_string, None)
+    allowed_services: tuple[str, ...] = c.option(c.name_list, ("scheduler", "dashboard"))
+    max_sessions_per_user: int = c.option(c.positive_int, 20)
+    max_unauthenticated: int = c.option(c.positive_int, 100)
+    login_timeout: float = c.option(c.positive_float, 30.0)
+    keepalive_interval: float = c.option(c.positive_float, 15.0)
+    keepalive_count_max: int = c.option(c.positive_int, 4)
+    heartbeat_interval: float = c.option(c.positive_float, 10.0)
+    drain_timeout: float = c.option(c.positive_float, 10.0)
+    publish: str = c.option(c.choice("memory"), "memory")
+    log_level: str = c.option(c.choice("debug", "info", "warning", "error"), "info")
+
+    def check(self) -> None:
+        """Cross-field rules, reported with the same one-line errors as single values."""
+        if self.auth == "token-file" and self.token_file is None:
+            raise c.ConfigError(
+                "JOBTUNNEL_TOKEN_FILE (token_file) is required with auth=token-file"
+            )
+        if self.auth == "hub" and not self.hub_api_url:
+            raise c.ConfigError("JOBTUNNEL_HUB_API_URL (hub_api_url) is required with auth=hub")
+        if self.hub_api_url and not self.hub_api_url.startswith(("https://", "http://")):
+            raise c.ConfigError(
+                f"JOBTUNNEL_HUB_API_URL (hub_api_url): expected an http(s):// URL, "
+                f"got {self.hub_api_url!r}"
+            )
