@@ -43,9 +43,13 @@ def say(text: str) -> None:
 
 
 @contextlib.contextmanager
-def started(name: str, argv: list[str], env: dict[str, str], logs: Path) -> Iterator[subprocess.Popen[bytes]]:
+def started(
+    name: str, argv: list[str], env: dict[str, str], logs: Path
+) -> Iterator[subprocess.Popen[bytes]]:
     log = (logs / f"{name}.log").open("wb")
-    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # noqa: S603
+    proc = subprocess.Popen(
+        argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         yield proc
     finally:
@@ -72,7 +76,9 @@ def wait(what: str, predicate: Any, procs: dict[str, subprocess.Popen[bytes]], l
         for name, proc in procs.items():
             if proc.poll() is not None:
                 tail = (logs / f"{name}.log").read_text(errors="replace")[-3000:]
-                raise SystemExit(f"demo: {name} exited ({proc.returncode}) while waiting for {what}:\n{tail}")
+                raise SystemExit(
+                    f"demo: {name} exited ({proc.returncode}) while waiting for {what}:\n{tail}"
+                )
         with contextlib.suppress(OSError, ValueError):
             result = predicate()
             if result:
@@ -149,18 +155,23 @@ def main() -> int:
         reachable = time.monotonic() - t0
         with client:
             say(f"agent start -> reachable through the tunnel: {reachable:.2f} s")
-            say(f"tunnel {tunnel['id']} of user {tunnel['user']}, private IP {tunnel['private_ip']}")
+            say(
+                f"tunnel {tunnel['id']} of user {tunnel['user']}, private IP {tunnel['private_ip']}"
+            )
             for name, where in tunnel["services"].items():
                 say(f"  {name:<10} reachable at {where}")
-            say(f"  scheduler's own address: tcp://127.0.0.1:{sched_port} (never used by the client)")
+            say(f"  scheduler's own address tcp://127.0.0.1:{sched_port}: not used by the client")
             client.wait_for_workers(1, timeout=DEADLINE)
             futures = client.map(lambda x: x * x, range(1000))
             total = client.submit(sum, futures).result(timeout=DEADLINE)
-            say(f"sum of squares of 0..999 computed on {list(client.scheduler_info()['workers'])}: {total}")
+            workers = list(client.scheduler_info()["workers"])
+            say(f"sum of squares of 0..999, computed on {workers}: {total}")
             assert total == sum(x * x for x in range(1000))
             dashboard = tunnel["services"]["dashboard"]
-            with urllib.request.urlopen(f"http://{dashboard}/status", timeout=10) as resp:  # noqa: S310
-                say(f"dashboard through the tunnel: http://{dashboard}/status -> HTTP {resp.status}")
+            with urllib.request.urlopen(f"http://{dashboard}/status", timeout=10) as resp:
+                say(
+                    f"dashboard through the tunnel: http://{dashboard}/status -> HTTP {resp.status}"
+                )
         procs["agent"].send_signal(signal.SIGTERM)
         wait("the tunnel to leave /tunnels", lambda: get_json(tunnels_url) == [], {}, logs)
         status = procs["agent"].wait(30)

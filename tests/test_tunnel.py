@@ -85,15 +85,22 @@ async def test_service_reachable_through_tunnel_and_listed(tmp_path: Path) -> No
         assert tunnel["private_ip"] == "10.1.2.3"
         assert tunnel["job"]["global_job_id"] == "schedd.example#12.0#1700000000"
         assert tunnel["id"] == agent.state.session_id
-        for key in ("id", "user", "job", "pod", "private_ip", "since", "last_heartbeat", "services"):
+        for key in (
+            "id",
+            "user",
+            "job",
+            "pod",
+            "private_ip",
+            "since",
+            "last_heartbeat",
+            "services",
+        ):
             assert key in tunnel
         assert set(tunnel["services"]) == {"scheduler", "dashboard"}
         assert tunnel["services"] == agent.state.addresses
         assert await echo_roundtrip(tunnel["services"]["scheduler"]) == b"S:ping"
         assert await echo_roundtrip(tunnel["services"]["dashboard"]) == b"D:ping"
-        await wait_for(
-            lambda: fw.tunnels()[0]["last_heartbeat"] is not None, what="a heartbeat"
-        )
+        await wait_for(lambda: fw.tunnels()[0]["last_heartbeat"] is not None, what="a heartbeat")
         await wait_for(lambda: agent.state.last_rtt is not None, what="a heartbeat ack")
     assert fw.tunnels() == []
 
@@ -103,9 +110,9 @@ async def test_bye_unpublishes_at_once(tmp_path: Path) -> None:
     async with (
         echo_server() as port,
         running_forwarder(forwarder_settings(tmp_path, heartbeat_interval=30.0)) as fw,
+        running_agent(agent_settings(fw, services=(("scheduler", port),))) as agent,
     ):
-        async with running_agent(agent_settings(fw, services=(("scheduler", port),))) as agent:
-            assert len(fw.tunnels()) == 1
-            with anyio.fail_after(5):  # far below any heartbeat timeout (90 s here)
-                await agent.bye("done")
-                await wait_for(lambda: fw.tunnels() == [], what="unpublish after bye")
+        assert len(fw.tunnels()) == 1
+        with anyio.fail_after(5):  # far below any heartbeat timeout (90 s here)
+            await agent.bye("done")
+            await wait_for(lambda: fw.tunnels() == [], what="unpublish after bye")
