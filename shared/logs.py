@@ -13,7 +13,7 @@ import re
 import sys
 import threading
 from collections.abc import Iterable, MutableMapping
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
@@ -76,19 +76,24 @@ def _scrub_exception(
 
 
 def configure(
-    *, level: str = "info", json: bool | None = None, secrets: Iterable[str] = ()
+    *,
+    level: str = "info",
+    json: bool | None = None,
+    secrets: Iterable[str] = (),
+    stream: TextIO | None = None,
 ) -> None:
     """Configure structlog (and stdlib logging, which asyncssh uses) once per process."""
     redactor.register(*secrets)
+    stream = stream or sys.stderr
     if json is None:
-        json = not sys.stderr.isatty()
+        json = not stream.isatty()
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         raise ValueError(f"unknown log level {level!r}")
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if json
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        else structlog.dev.ConsoleRenderer(colors=stream.isatty())
     )
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
@@ -102,12 +107,13 @@ def configure(
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        # No caching: tests (and reconfiguration) must see the current processors.
+        cache_logger_on_first_use=False,
     )
     # asyncssh logs every channel at INFO through stdlib logging; keep it quiet
     # and route what remains through the same redaction.
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processor=renderer,
