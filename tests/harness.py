@@ -23,6 +23,7 @@ from typing import Any
 
 import anyio
 import asyncssh
+from prometheus_client import CollectorRegistry
 
 from daemons.agent.session import AgentIdentity, AgentSession
 from daemons.agent.settings import AgentSettings
@@ -128,10 +129,15 @@ def forwarder_settings(tmp: Path, **overrides: Any) -> ForwarderSettings:
 
 @contextlib.asynccontextmanager
 async def running_forwarder(
-    settings: ForwarderSettings, verifier: TokenVerifier | None = None
+    settings: ForwarderSettings,
+    verifier: TokenVerifier | None = None,
+    registry: CollectorRegistry | None = None,
 ) -> AsyncIterator[RunningForwarder]:
-    """The real forwarder, in this process, on loopback ports of its own choosing."""
-    registry = new_registry()
+    """The real forwarder, in this process, on loopback ports of its own choosing.
+
+    Pass ``registry`` to expose a verifier's own metrics (built on it) on ``/metrics`` too.
+    """
+    registry = registry if registry is not None else new_registry()
     host_key = hostkeys.load_or_generate(settings.host_key)
     if verifier is None:
         assert settings.token_file is not None
@@ -139,7 +145,13 @@ async def running_forwarder(
     forwarder = Forwarder(
         settings,
         host_key=host_key,
-        authenticator=Authenticator(verifier, FailureLimiter(), registry=registry),
+        authenticator=Authenticator(
+            verifier,
+            FailureLimiter(
+                max_failures=settings.auth_max_failures, window=settings.auth_failure_window
+            ),
+            registry=registry,
+        ),
         publisher=MemoryPublisher(),
         metrics=ForwarderMetrics(registry, port_capacity=len(settings.port_range)),
     )
@@ -216,7 +228,7 @@ class Process:
         self.argv = argv
         self.log_path = log
         self._log = log.open("wb")
-        self.proc = subprocess.Popen(  # noqa: S603
+        self.proc = subprocess.Popen(
             argv,
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -54,6 +54,11 @@ class ForwarderMetrics:
             "SSH connections not yet authenticated",
             registry=registry,
         )
+        self.unauthenticated_closed = Counter(
+            "jobtunnel_forwarder_unauthenticated_closed",
+            "SSH connections that ended before authenticating (login timeout, failed logins)",
+            registry=registry,
+        )
         self.ports_in_use = Gauge(
             "jobtunnel_forwarder_ports_in_use",
             "Listener ports allocated from the range",

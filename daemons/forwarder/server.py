@@ -177,7 +177,8 @@ class _PolicyChannel(asyncssh.SSHServerChannel):  # type: ignore[type-arg]
         key = packet.get_string()
         packet.get_string()  # the value is not ours to log
         packet.check_end()
-        self._policy_refuse("env", f"environment variables are not accepted ({key[:64]!r})")
+        name = key[:64].decode("utf-8", "replace")
+        self._policy_refuse("env", f"environment variables are not accepted ({name!r})")
         return False
 
     def _process_pty_req_request(self, packet: Any) -> bool:
@@ -288,6 +289,15 @@ class _Connection(asyncssh.SSHServer):
         self.fw._connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._counted_unauth:
+            # Login timeout, failed logins, or a scanner: nothing published, but not silent.
+            self.fw.metrics.unauthenticated_closed.inc()
+            log.info(
+                "closed before authentication",
+                peer=self.peer,
+                user=self.user,
+                error=str(exc) if exc else None,
+            )
         self._leave_unauthenticated()
         self.closed = True
         self.fw._connections.discard(self)
@@ -312,7 +322,9 @@ class _Connection(asyncssh.SSHServer):
         return True
 
     def get_kbdint_challenge(self, username: str, lang: str, submethods: str) -> Any:
-        return ("", "", "", [("JupyterHub token: ", False)])
+        # "Password" in the prompt: clients answering keyboard-interactive from a
+        # configured password (asyncssh's password=, sshpass) look for that word.
+        return ("", "", "", [("Password (JupyterHub token): ", False)])
 
     async def validate_kbdint_response(self, username: str, responses: Any) -> bool:
         return len(responses) == 1 and await self.validate_password(username, responses[0])
@@ -598,6 +610,7 @@ class _Connection(asyncssh.SSHServer):
         session.instance_id = hello.instance_id
         session.agent_version = hello.agent_version
         session.job, session.pod, session.private_ip = hello.job, hello.pod, hello.private_ip
+        session.service_ports = {s.name: s.port for s in hello.services}
         try:
             self.fw.registry.check_limit(session)
         except SessionLimit as exc:

@@ -39,6 +39,8 @@ class Session:
     pod: PodInfo | None = None
     private_ip: str | None = None
     forwards: dict[str, Forward] = field(default_factory=dict)
+    # The services' own ports inside the job, as announced (workers dial these).
+    service_ports: dict[str, int] = field(default_factory=dict)
     services_up: dict[str, bool] = field(default_factory=dict)
     last_heartbeat: float | None = None
     rtt: float | None = None
