@@ -20,8 +20,8 @@ import asyncssh
 from daemons.agent.settings import AgentSettings
 from shared import hostkeys
 from shared import protocol as p
-from shared.config import Secret
-from shared.logs import get_logger
+from shared.config import ConfigError, Secret
+from shared.logs import get_logger, redactor
 
 log = get_logger("jobtunnel.agent")
 
@@ -192,11 +192,22 @@ class AgentSession:
         cap = min(s.backoff_max, s.backoff_initial * (2 ** max(0, failures - 1)))
         return self._rng.uniform(s.backoff_initial / 2, max(s.backoff_initial / 2, cap))
 
+    def _current_token(self) -> Secret:
+        """Re-read a token file at every connect: the job wrapper may rotate it."""
+        if self.settings.token_file is None:
+            return self._token
+        try:
+            self._token = self.settings.read_token()
+            redactor.register(self._token.reveal())
+        except ConfigError as exc:
+            log.warning("token file unreadable, using the previous token", error=str(exc))
+        return self._token
+
     def _connect_options(self) -> dict[str, Any]:
         s = self.settings
         options: dict[str, Any] = {
             "username": s.user,
-            "password": self._token.reveal(),
+            "password": self._current_token().reveal(),
             "client_keys": None,
             "agent_path": None,
             "config": [],
@@ -354,8 +365,14 @@ class AgentSession:
         if conn is None or conversation is None:
             return
         if conversation.state is p.ConversationState.ESTABLISHED:
-            self._send(p.Bye(reason=reason, exit_code=exit_code))
-            log.info("bye sent", reason=reason)
+            try:
+                self._send(p.Bye(reason=reason, exit_code=exit_code))
+            except OSError as exc:
+                # The connection died under us (the loop has not noticed yet): nothing
+                # to unpublish through it, and the agent must still exit with the child's status.
+                log.info("bye not sent: connection already gone", reason=reason, error=str(exc))
+            else:
+                log.info("bye sent", reason=reason)
         with anyio.move_on_after(self.settings.bye_timeout):
             conn.close()
             await conn.wait_closed()

@@ -50,6 +50,15 @@ class AgentSettings:
                 "(a job never talks to an unverified forwarder; "
                 "JOBTUNNEL_INSECURE_SKIP_HOST_KEY_CHECK=true exists for demos only)"
             )
+        if self.host_key_fingerprint is None and self.known_hosts is not None:
+            # Otherwise asyncssh fails on every connection attempt and the agent retries forever.
+            try:
+                self.known_hosts.read_bytes()
+            except OSError as exc:
+                raise c.ConfigError(
+                    f"JOBTUNNEL_KNOWN_HOSTS (known_hosts): cannot read {self.known_hosts}: "
+                    f"{exc.strerror or exc}"
+                ) from None
         pod = (self.pod_namespace, self.pod_name, self.pod_uid)
         if any(pod) and not all(pod):
             raise c.ConfigError(

@@ -485,7 +485,8 @@ class _Connection(asyncssh.SSHServer):
             pass
 
     def send(self, message: p.Message) -> None:
-        if self.control is None:
+        # After our fatal error or bye, in-flight heartbeats go unanswered by design.
+        if self.control is None or self.conversation.our_closed:
             return
         try:
             self.control.write(self.conversation.send(message))
@@ -678,6 +679,14 @@ class _Connection(asyncssh.SSHServer):
             if decision.outcome.value == "reject":
                 message = f"token no longer valid: {decision.reason}"
                 self.send(p.Error(code="auth-revoked", message=message, fatal=True))
+                try:
+                    # close() aborts the TCP connection at once, which can lose the frame
+                    # (RST): give the agent a moment to read it. It hangs up itself, and
+                    # _serve then cancels this sleep.
+                    if self.control is not None:
+                        await anyio.sleep(2.0)
+                finally:
+                    self.end_reason = message  # whoever ends the line, this is why
                 self.close(message)
                 return
 
