@@ -101,6 +101,8 @@ class Forwarder:
             return "ssh listener not started"
         if self.draining:
             return "draining"
+        if (reason := self.publisher.ready_check()) is not None:
+            return reason
         if not self.authenticator.available:
             return "token authority unavailable"
         return None
@@ -110,6 +112,7 @@ class Forwarder:
         s = self.settings
         async with anyio.create_task_group() as tg:
             self._tg = tg
+            await tg.start(self.publisher.run, self.end_session)
             self._server = await asyncssh.create_server(
                 lambda: _Connection(self),
                 s.listen.host,
@@ -152,6 +155,12 @@ class Forwarder:
         for conn in list(self._connections):
             conn.close("forwarder shutting down")
         log.info("drained", remaining=len(self._connections))
+
+    def end_session(self, session_id: str, reason: str) -> None:
+        """End a live session (e.g. its Tunnel was deleted); unknown ids are ignored."""
+        for session in self.registry:
+            if session.id == session_id:
+                session.close(reason)
 
     # Called by connections.
 
@@ -588,6 +597,8 @@ class _Connection(asyncssh.SSHServer):
             session.counters = event.counters
             session.services_up.update(event.counters.services_up)
             self.fw.metrics.observe_counters(session)
+            if session.published:
+                self.fw.publisher.heartbeat(session)
             self.send(p.HeartbeatAck(seq=event.seq, sent_at=event.sent_at, received_at=now))
             return None
         if isinstance(event, p.ServiceStatus):

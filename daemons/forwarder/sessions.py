@@ -12,6 +12,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from anyio import TASK_STATUS_IGNORED
+from anyio.abc import TaskStatus
+
 from shared.protocol import AgentCounters, JobInfo, PodInfo
 
 
@@ -110,21 +113,50 @@ def identity_of(
     return (user, f"instance:{instance_id}")
 
 
+EndSession = Callable[[str, str], None]
+"""``end_session(session_id, reason)``: how a publisher ends a session it learns is gone."""
+
+
 class Publisher(Protocol):
-    """Where published sessions go besides ``/tunnels`` (e.g. Kubernetes Tunnel objects)."""
+    """Where published sessions go besides ``/tunnels`` (e.g. Kubernetes Tunnel objects).
+
+    ``publish``/``unpublish``/``heartbeat`` are called from session tasks and must
+    not block on a remote API for long: a publisher records the desired state and
+    converges in ``run``, its own task in the forwarder's task group, which also
+    ends sessions whose publication was withdrawn by someone else.
+    """
+
+    async def run(
+        self, end_session: EndSession, *, task_status: TaskStatus[None] = TASK_STATUS_IGNORED
+    ) -> None: ...
 
     async def publish(self, session: Session) -> None: ...
 
     async def unpublish(self, session: Session, reason: str) -> None: ...
 
+    def heartbeat(self, session: Session) -> None: ...
+
+    def ready_check(self) -> str | None: ...
+
 
 class MemoryPublisher:
     """Standalone mode: the registry itself is the publication (``/tunnels``)."""
+
+    async def run(
+        self, end_session: EndSession, *, task_status: TaskStatus[None] = TASK_STATUS_IGNORED
+    ) -> None:
+        task_status.started()
 
     async def publish(self, session: Session) -> None:
         return None
 
     async def unpublish(self, session: Session, reason: str) -> None:
+        return None
+
+    def heartbeat(self, session: Session) -> None:
+        return None
+
+    def ready_check(self) -> str | None:
         return None
 
 
