@@ -304,6 +304,9 @@ def services(raw: object) -> tuple[tuple[str, int], ...]:
     result = []
     seen = set()
     for name, port in pairs:
+        if not name.strip():
+            item = f"{name}={port}"
+            raise ValueError(f"expected NAME=PORT items with a name, got {item!r}")
         (checked,) = name_list(name)
         if checked in seen:
             raise ValueError(f"service {checked!r} given twice")

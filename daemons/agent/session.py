@@ -373,6 +373,11 @@ class AgentSession:
                 log.info("bye not sent: connection already gone", reason=reason, error=str(exc))
             else:
                 log.info("bye sent", reason=reason)
+                # The forwarder hangs up once it has read the bye. Closing first would
+                # lose it now and then: asyncssh's close() ends in transport.abort(), a
+                # TCP reset that can discard the frame before the forwarder reads it.
+                with anyio.move_on_after(self.settings.bye_timeout):
+                    await conn.wait_closed()
         with anyio.move_on_after(self.settings.bye_timeout):
             conn.close()
             await conn.wait_closed()
