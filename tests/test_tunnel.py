@@ -116,3 +116,30 @@ async def test_bye_unpublishes_at_once(tmp_path: Path) -> None:
         with anyio.fail_after(5):  # far below any heartbeat timeout (90 s here)
             await agent.bye("done")
             await wait_for(lambda: fw.tunnels() == [], what="unpublish after bye")
+
+
+async def test_takeover_newest_wins_and_old_agent_stands_down(tmp_path: Path) -> None:
+    """Two live agents claiming one pod: the newer keeps it, the older stops reconnecting."""
+    write_token_file(tmp_path / "tokens", TOKENS)
+    pod = p.PodInfo(namespace="jupyter-alice", name="c-scheduler", uid="uid-1")
+    async with (
+        echo_server(b"A:") as port_a,
+        echo_server(b"B:") as port_b,
+        running_forwarder(forwarder_settings(tmp_path)) as fw,
+        running_agent(
+            agent_settings(fw, services=(("scheduler", port_a),)),
+            AgentIdentity(instance_id="a", pod=pod, private_ip="10.0.0.1"),
+        ) as agent_a,
+    ):
+        first = fw.tunnels()[0]
+        async with running_agent(
+            agent_settings(fw, services=(("scheduler", port_b),)),
+            AgentIdentity(instance_id="b", pod=pod, private_ip="10.0.0.2"),
+        ) as agent_b:
+            await wait_for(lambda: agent_a.state.replaced, what="A told it was replaced")
+            (tunnel,) = fw.tunnels()
+            assert tunnel["id"] == agent_b.state.session_id != first["id"]
+            assert tunnel["private_ip"] == "10.0.0.2"
+            assert await echo_roundtrip(tunnel["services"]["scheduler"]) == b"B:ping"
+            assert agent_a.ready_check() == "replaced by a newer session of the same identity"
+            assert agent_a.state.connects == 1  # it never came back to take the tunnel again

@@ -51,6 +51,7 @@ class AgentState:
     last_rtt: float | None = None
     connections_forwarded: int = 0
     services_up: dict[str, bool] = field(default_factory=dict)
+    replaced: bool = False
 
 
 class _Drained(Exception):
@@ -59,6 +60,10 @@ class _Drained(Exception):
 
 class _Fatal(Exception):
     """The forwarder refused us for a reason a reconnect won't fix soon."""
+
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class _HostKeyCheck(asyncssh.SSHClient):
@@ -129,6 +134,8 @@ class AgentSession:
         return self._stop_flag
 
     def ready_check(self) -> str | None:
+        if self.state.replaced:
+            return "replaced by a newer session of the same identity"
         if not self.state.published:
             return "not connected to the forwarder" if not self.state.connected else "not ready"
         return None
@@ -168,6 +175,12 @@ class AgentSession:
                 continue
             except _Fatal as exc:
                 log.error("refused by forwarder", reason=str(exc))
+                if exc.code == "replaced":
+                    # A newer agent claims our identity (a resubmitted job, a duplicate):
+                    # the newest wins; taking it back would make the two alternate forever.
+                    log.error("replaced by a newer session of the same identity: not reconnecting")
+                    self.state.replaced = True
+                    break
                 failures += 1
             except (OSError, asyncssh.Error, p.ProtocolError, TimeoutError) as exc:
                 if self._stop_requested():
@@ -292,7 +305,7 @@ class AgentSession:
                     if isinstance(message, p.Welcome):
                         return message
                     if isinstance(message, p.Error):
-                        raise _Fatal(f"{message.code}: {message.message}")
+                        raise _Fatal(f"{message.code}: {message.message}", message.code)
 
     async def _forward(self, conn: asyncssh.SSHClientConnection, name: str, port: int) -> None:
         host = self.settings.service_host
@@ -343,7 +356,7 @@ class AgentSession:
                     raise _Drained(message.reason)
                 elif isinstance(message, p.Error):
                     if message.fatal:
-                        raise _Fatal(f"{message.code}: {message.message}")
+                        raise _Fatal(f"{message.code}: {message.message}", message.code)
                     log.warning("forwarder error", code=message.code, message=message.message)
 
     def _send(self, message: p.Message) -> None:

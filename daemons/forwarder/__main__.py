@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import os
 import signal
 import sys
@@ -13,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from daemons.forwarder.metrics import ForwarderMetrics
 from daemons.forwarder.server import Forwarder
-from daemons.forwarder.sessions import MemoryPublisher
+from daemons.forwarder.sessions import MemoryPublisher, Publisher
 from daemons.forwarder.settings import ForwarderSettings
 from shared import config, hostkeys, logs
 from shared.auth import (
@@ -45,22 +47,58 @@ def build_verifier(settings: ForwarderSettings, registry: CollectorRegistry) -> 
     return TokenFileVerifier(settings.token_file)
 
 
+async def build_publisher(
+    settings: ForwarderSettings, registry: CollectorRegistry, stack: contextlib.AsyncExitStack
+) -> Publisher:
+    if settings.publish != "kubernetes":
+        return MemoryPublisher()
+    from daemons.forwarder import kube  # kubernetes_asyncio only when asked for
+
+    assert settings.namespace
+    assert settings.pod_name
+    assert settings.pod_ip
+    api = await stack.enter_async_context(await kube.create_api_client())
+    return kube.KubernetesPublisher(
+        api,
+        namespace=settings.namespace,
+        pod_name=settings.pod_name,
+        pod_ip=settings.pod_ip,
+        heartbeat_interval=settings.tunnel_heartbeat_interval,
+        registry=registry,
+    )
+
+
+def effective(settings: ForwarderSettings) -> ForwarderSettings:
+    """In Kubernetes the listeners are advertised on the pod IP unless told otherwise."""
+    if settings.publish == "kubernetes" and settings.advertise_host is None:
+        return dataclasses.replace(settings, advertise_host=settings.pod_ip)
+    return settings
+
+
 async def serve(settings: ForwarderSettings) -> int:
+    settings = effective(settings)
     registry = new_registry()
     host_key = hostkeys.load_or_generate(settings.host_key)
     verifier = build_verifier(settings, registry)
     limiter = FailureLimiter(
         max_failures=settings.auth_max_failures, window=settings.auth_failure_window
     )
+    stack = contextlib.AsyncExitStack()
+    try:
+        publisher = await build_publisher(settings, registry, stack)
+    except Exception as exc:  # kube.KubeConfigError; the module may not even be importable
+        log.error("cannot publish to kubernetes", error=str(exc))
+        return 2
     forwarder = Forwarder(
         settings,
         host_key=host_key,
         authenticator=Authenticator(verifier, limiter, registry=registry),
-        publisher=MemoryPublisher(),
+        publisher=publisher,
         metrics=ForwarderMetrics(registry, port_capacity=len(settings.port_range)),
     )
     try:
         async with (
+            stack,
             serve_http(
                 settings.http,
                 registry,
@@ -77,6 +115,7 @@ async def serve(settings: ForwarderSettings) -> int:
                     http=str(http),
                     host_key_fingerprint=hostkeys.fingerprint(host_key),
                     auth=settings.auth,
+                    publish=settings.publish,
                 )
                 async for signum in signals:
                     log.info("stopping", signal=signal.Signals(signum).name)

@@ -46,6 +46,9 @@ log = get_logger("jobtunnel.forwarder")
 SUBSYSTEM = "jobtunnel"
 INBOX_SIZE = 64
 BIND_ATTEMPTS = 8
+# After a fatal error frame, how long the agent gets to read it and hang up itself:
+# disconnecting at once aborts TCP, and a reset can throw the frame away.
+LINGER = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,11 +159,11 @@ class Forwarder:
             conn.close("forwarder shutting down")
         log.info("drained", remaining=len(self._connections))
 
-    def end_session(self, session_id: str, reason: str) -> None:
+    def end_session(self, session_id: str, reason: str, code: str = "session-ended") -> None:
         """End a live session (e.g. its Tunnel was deleted); unknown ids are ignored."""
         for session in self.registry:
             if session.id == session_id:
-                session.close(reason)
+                session.close(reason, code)
 
     # Called by connections.
 
@@ -276,6 +279,8 @@ class _Connection(asyncssh.SSHServer):
         self._inbox: MemoryObjectReceiveStream[_Event] = receive
         self._counted_unauth = False
         self.end_reason: str | None = None
+        self._linger = False
+        self._lost = anyio.Event()
 
     # asyncssh callbacks: connection and authentication
 
@@ -309,6 +314,7 @@ class _Connection(asyncssh.SSHServer):
             )
         self._leave_unauthenticated()
         self.closed = True
+        self._lost.set()
         self.fw._connections.discard(self)
         self.fw._connections_changed.set()
         self._inbox_send.close()
@@ -353,7 +359,7 @@ class _Connection(asyncssh.SSHServer):
             user=self.user,
             peer=self.peer,
             mode="ssh",
-            close=self.close,
+            close=self.fail,
         )
         self.fw.registry.add(self.session)
         self.fw.metrics.sessions_started.inc()
@@ -511,13 +517,19 @@ class _Connection(asyncssh.SSHServer):
     def protocol_error(self, exc: p.ProtocolError) -> None:
         self.fw.metrics.protocol_errors.labels(code=exc.code).inc()
         self.refuse("protocol", str(exc), code=exc.code)
-        if self.control is not None:
-            self.control.write(p.encode(exc.as_error()))
-            self.control.close()
-        self.close(f"protocol error: {exc}")
+        self.fail(f"protocol error: {exc}", exc.code)
 
     def refuse(self, kind: str, reason: str, **extra: Any) -> None:
         self.fw.refuse(kind, reason, user=self.user, peer=self.peer, **extra)
+
+    def fail(self, reason: str, code: str = "session-ended") -> None:
+        """End the session with an ``error`` frame the agent reads before the line goes."""
+        if self.closed:
+            return
+        if self.control is not None and not self.conversation.our_closed:
+            self.send(p.Error(code=code, message=reason[:1000], fatal=True))
+            self._linger = self.session is not None  # the session task disconnects later
+        self.close(reason)
 
     def close(self, reason: str) -> None:
         if self.closed:
@@ -527,7 +539,11 @@ class _Connection(asyncssh.SSHServer):
             log.info("closing", session=self.session.id, user=self.user, reason=reason)
         self.end_reason = reason
         self._inbox_send.close()
-        if self.conn is not None:
+        if not self._linger:
+            self._disconnect(reason)
+
+    def _disconnect(self, reason: str) -> None:
+        if self.conn is not None and not self._lost.is_set():
             self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, reason[:200])
 
     # The session task: everything with a deadline or an await.
@@ -566,7 +582,7 @@ class _Connection(asyncssh.SSHServer):
                             break
                     if scope.cancelled_caught:
                         what = "heartbeat" if session.published else "ready"
-                        self.close(f"no {what} within {timeout:.0f}s")
+                        self.fail(f"no {what} within {timeout:.0f}s", "timeout")
                         break
                     outcome = await self._handle(session, event)
                     if outcome is not None:
@@ -616,7 +632,7 @@ class _Connection(asyncssh.SSHServer):
         try:
             version = p.negotiate(hello.versions)
         except p.ProtocolError as exc:
-            self.send(p.Error(code=exc.code, message=str(exc), fatal=True))
+            self.fail(str(exc), exc.code)
             return str(exc)
         session.identity = identity_of(session.user, hello.pod, hello.job, hello.instance_id)
         session.instance_id = hello.instance_id
@@ -627,7 +643,7 @@ class _Connection(asyncssh.SSHServer):
             self.fw.registry.check_limit(session)
         except SessionLimit as exc:
             self.refuse("session-limit", str(exc))
-            self.send(p.Error(code="session-limit", message=str(exc), fatal=True))
+            self.fail(str(exc), "session-limit")
             return str(exc)
         addresses = []
         for service in hello.services:
@@ -638,7 +654,7 @@ class _Connection(asyncssh.SSHServer):
                 port = self.fw.ports.reserve()
             except PortsExhausted as exc:
                 self.refuse("ports-exhausted", str(exc))
-                self.send(p.Error(code="ports-exhausted", message=str(exc), fatal=True))
+                self.fail(str(exc), "ports-exhausted")
                 return str(exc)
             self.reserved[service.name] = port
             addresses.append(
@@ -670,7 +686,7 @@ class _Connection(asyncssh.SSHServer):
         if old is not None:
             self.fw.metrics.takeovers.inc()
             log.info("takeover", session=session.id, replaced=old.id, user=session.user)
-            old.close(f"replaced by session {session.id}")
+            old.close(f"replaced by session {session.id}", "replaced")
             await self.fw.publisher.unpublish(old, f"replaced by session {session.id}")
         await self.fw.publisher.publish(session)
         log.info(
@@ -688,17 +704,7 @@ class _Connection(asyncssh.SSHServer):
             await anyio.sleep(self.fw.settings.revalidate_interval)
             decision = await self.fw.authenticator.revalidate(session.user, self.token.reveal())
             if decision.outcome.value == "reject":
-                message = f"token no longer valid: {decision.reason}"
-                self.send(p.Error(code="auth-revoked", message=message, fatal=True))
-                try:
-                    # close() aborts the TCP connection at once, which can lose the frame
-                    # (RST): give the agent a moment to read it. It hangs up itself, and
-                    # _serve then cancels this sleep.
-                    if self.control is not None:
-                        await anyio.sleep(2.0)
-                finally:
-                    self.end_reason = message  # whoever ends the line, this is why
-                self.close(message)
+                self.fail(f"token no longer valid: {decision.reason}", "auth-revoked")
                 return
 
     async def _finish(self, session: Session, reason: str) -> None:
@@ -715,6 +721,10 @@ class _Connection(asyncssh.SSHServer):
         log.info("session ended", session=session.id, user=session.user, reason=reason)
         if not self.closed:
             self.close(reason)
+        if self._linger:
+            with anyio.move_on_after(LINGER):
+                await self._lost.wait()
+            self._disconnect(reason)
 
 
 def _reason_code(reason: str) -> str:

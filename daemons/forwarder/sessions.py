@@ -49,8 +49,9 @@ class Session:
     rtt: float | None = None
     counters: AgentCounters = field(default_factory=AgentCounters)
     published: bool = False
-    # Set by the server: ends the SSH connection with a reason the agent sees.
-    close: Callable[[str], None] = field(default=lambda _reason: None, repr=False)
+    # Set by the server: ``close(reason, code)`` ends the session with an error
+    # frame the agent can act on (e.g. code "replaced": don't reconnect).
+    close: Callable[[str, str], None] = field(default=lambda _r, _c: None, repr=False)
 
     def describe(self, advertise_host: str | None = None) -> dict[str, object]:
         """The ``/tunnels`` entry: everything an operator needs, nothing secret."""

@@ -36,7 +36,13 @@ class ForwarderSettings:
     keepalive_count_max: int = c.option(c.positive_int, 4)
     heartbeat_interval: float = c.option(c.positive_float, 10.0)
     drain_timeout: float = c.option(c.positive_float, 10.0)
-    publish: str = c.option(c.choice("memory"), "memory")
+    publish: str = c.option(c.choice("memory", "kubernetes"), "memory")
+    # publish=kubernetes: where Tunnel objects go and which pod this is (downward API).
+    namespace: str | None = c.option(c.optional_string, None)
+    pod_name: str | None = c.option(c.optional_string, None)
+    pod_ip: str | None = c.option(c.optional_string, None)
+    # Least time between two status.lastHeartbeat patches of one Tunnel.
+    tunnel_heartbeat_interval: float = c.option(c.positive_float, 30.0)
     log_level: str = c.option(c.choice("debug", "info", "warning", "error"), "info")
 
     def check(self) -> None:
@@ -47,6 +53,12 @@ class ForwarderSettings:
             )
         if self.auth == "hub" and not self.hub_api_url:
             raise c.ConfigError("JOBTUNNEL_HUB_API_URL (hub_api_url) is required with auth=hub")
+        if self.publish == "kubernetes":
+            for key in ("namespace", "pod_name", "pod_ip"):
+                if not getattr(self, key):
+                    raise c.ConfigError(
+                        f"JOBTUNNEL_{key.upper()} ({key}) is required with publish=kubernetes"
+                    )
         if self.hub_api_url and not self.hub_api_url.startswith(("https://", "http://")):
             raise c.ConfigError(
                 f"JOBTUNNEL_HUB_API_URL (hub_api_url): expected an http(s):// URL, "

@@ -1,0 +1,964 @@
+"""The reconciler: watches in, one idempotent reconcile per Tunnel key, Kubernetes writes out.
+
+Level-triggered, controller-runtime style. Watches (Tunnels in the forwarder namespace; Dask
+scheduler Pods and Services, DaskClusters, DaskWorkerGroups and worker Deployments cluster-wide)
+only decide *which* Tunnel keys to look at again; every reconcile then reads the current objects
+from the API server and converges them on what the Tunnel implies, so a missed, duplicated or
+reordered event costs nothing, and a restart of the reconciler or the API server only costs a
+relist. Everything the reconciler changed is marked on the changed object itself (annotations
+naming the Tunnel), so a Tunnel that vanished while nobody watched is still cleaned up: every
+marked object is enqueued under its Tunnel's key, and the reconcile of a key whose Tunnel is gone
+restores whatever still carries that key.
+
+One reconcile of key ``ns/name``:
+
+1. read the Tunnel; gone (or deleting): restore what carries the key, done;
+2. verify the claims (:mod:`.verify`); refused: restore, condition Verified=False, Events;
+3. job state (:mod:`.jobstep`); ended: restore, Events with the reason, delete the Tunnel;
+4. route the ``<cluster>-scheduler`` Service (:mod:`.route`), the worker groups and worker
+   Deployments (:mod:`.workers`), the scheduler pod's readiness (:mod:`.readiness`);
+5. write the Tunnel's status conditions and, for each transition, an Event.
+
+Only the Lease holder (:mod:`.leader`) runs reconciles, the job poller and resyncs; watches run
+on every replica so a standby is ready to take over at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import secrets
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import structlog
+from anyio.abc import TaskStatus
+from kubernetes_asyncio import client
+from kubernetes_asyncio.client.exceptions import ApiException
+from prometheus_client import CollectorRegistry
+
+from daemons.reconciler import readiness, route, workers
+from daemons.reconciler.events import EventRecorder, Ref
+from daemons.reconciler.jobs import JobStateSource, ScheddLike
+from daemons.reconciler.jobstep import JobPoller, JobVerdict
+from daemons.reconciler.kube import (
+    CLUSTER_LABEL,
+    COMPONENT_LABEL,
+    DASK_GROUP,
+    DASK_VERSION,
+    STRATEGIC_MERGE_PATCH,
+    TUNNEL_GROUP,
+    TUNNEL_PLURAL,
+    TUNNEL_VERSION,
+    Obj,
+    call_json,
+    get_or_none,
+    key_of,
+    labels_of,
+    patch_json,
+    retry_conflicts,
+    rfc3339,
+    split_key,
+)
+from daemons.reconciler.leader import LeaderElector
+from daemons.reconciler.metrics import CONDITIONS, ReconcilerMetrics
+from daemons.reconciler.queue import WorkQueue
+from daemons.reconciler.settings import ReconcilerSettings
+from daemons.reconciler.verify import NodeRules, UserRules, Verdict, claimed_pod, verify
+from daemons.reconciler.watch import Informer
+
+log = structlog.get_logger(__name__)
+
+SYNC_LOG_INTERVAL = 10.0
+GAUGE_INTERVAL = 5.0
+
+
+def default_identity() -> str:
+    """Pod name (HOSTNAME in a pod) plus a random suffix: unique even across restarts."""
+    host = os.environ.get("HOSTNAME") or socket.gethostname()
+    return f"{host}-{secrets.token_hex(4)}"
+
+
+@dataclass
+class Outcome:
+    """What one reconcile did, for the status and the Events."""
+
+    verified: tuple[str, str, str] = ("Unknown", "", "")
+    routed: tuple[str, str, str] = ("Unknown", "", "")
+    job: JobVerdict | None = None
+    cluster: str | None = None
+    routed_service: str | None = None
+    notes: list[tuple[str, str, bool]] = field(default_factory=list)  # DaskCluster events
+
+
+class Reconciler:
+    """Runnable in-process: ``await task_group.start(reconciler.run)`` returns once synced.
+
+    ``api`` is an open ``ApiClient`` the caller owns; ``schedd_factory`` (schedd name -> client)
+    enables job checks (tests pass a fake; production builds it from the collector setting).
+    """
+
+    def __init__(
+        self,
+        settings: ReconcilerSettings,
+        *,
+        api: client.ApiClient,
+        schedd_factory: Callable[[str], ScheddLike] | None = None,
+        registry: CollectorRegistry | None = None,
+        identity: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.api = api
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = ReconcilerMetrics(self.registry)
+        self.identity = identity or settings.identity or default_identity()
+        self._core = client.CoreV1Api(api)
+        self._apps = client.AppsV1Api(api)
+        self._custom = client.CustomObjectsApi(api)
+        self._timeout = settings.request_timeout
+        self.users = UserRules(
+            settings.user_namespace,
+            settings.user_label,
+            settings.user_annotation,
+            settings.user_slug_scheme,
+        )
+        self.nodes = NodeRules(settings.virtual_node, tuple(settings.virtual_node_selector.items()))
+        self.queue = WorkQueue()
+        self.events = EventRecorder(
+            api,
+            instance=self.identity,
+            on_error=lambda: self._error("event"),
+            request_timeout=self._timeout,
+        )
+        source = (
+            JobStateSource(
+                schedd_factory, registry=self.registry, timeout=settings.job_query_timeout
+            )
+            if schedd_factory is not None
+            else None
+        )
+        self.jobs = JobPoller(
+            source,
+            tunnels=lambda: list(self.tunnels.cache.values()),
+            enqueue=self.queue.add,
+            interval=settings.job_poll_interval,
+            min_gap=min(1.0, settings.job_poll_interval),
+            on_error=lambda: self._error("job"),
+        )
+        self.leader = LeaderElector(
+            api,
+            namespace=settings.namespace,
+            name=settings.lease_name,
+            identity=self.identity,
+            lease_duration=settings.lease_duration,
+            renew_deadline=settings.lease_renew_deadline,
+            retry_period=settings.lease_retry_period,
+            request_timeout=self._timeout,
+            clock=clock,
+            on_change=self._leadership_changed,
+            on_error=lambda: self._error("lease"),
+        )
+        # Tunnel key -> (namespace, cluster) as last verified: maps cluster events to Tunnels.
+        self._cluster_of: dict[str, tuple[str, str]] = {}
+        self.reconciles = 0
+        timeout, to = settings.watch_timeout, self._timeout
+
+        def informer(
+            kind: str, func: Callable[..., Awaitable[Any]], handler: Any, sel: str | None = None
+        ) -> Informer:
+            return Informer(
+                kind,
+                func,
+                handler,
+                label_selector=sel,
+                watch_timeout=timeout,
+                request_timeout=to,
+                on_error=self._error,
+            )
+
+        scheduler = f"{COMPONENT_LABEL}=scheduler"
+        self.tunnels = informer(
+            "Tunnel",
+            functools.partial(
+                self._custom.list_namespaced_custom_object,
+                TUNNEL_GROUP,
+                TUNNEL_VERSION,
+                settings.namespace,
+                TUNNEL_PLURAL,
+            ),
+            self._on_tunnel,
+        )
+        self.pods = informer("Pod", self._core.list_pod_for_all_namespaces, self._on_pod, scheduler)
+        self.services = informer(
+            "Service", self._core.list_service_for_all_namespaces, self._on_marked, scheduler
+        )
+        self.clusters = informer(
+            "DaskCluster",
+            functools.partial(
+                self._custom.list_cluster_custom_object, DASK_GROUP, DASK_VERSION, "daskclusters"
+            ),
+            self._on_cluster,
+        )
+        self.worker_groups = informer(
+            "DaskWorkerGroup",
+            functools.partial(
+                self._custom.list_cluster_custom_object,
+                DASK_GROUP,
+                DASK_VERSION,
+                "daskworkergroups",
+            ),
+            self._on_marked,
+        )
+        self.deployments = informer(
+            "Deployment",
+            self._apps.list_deployment_for_all_namespaces,
+            self._on_marked,
+            f"{COMPONENT_LABEL}=worker",
+        )
+        self.informers = [
+            self.tunnels,
+            self.pods,
+            self.services,
+            self.clusters,
+            self.worker_groups,
+            self.deployments,
+        ]
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def ready_check(self) -> str | None:
+        """/readyz: ready once every watch has listed (leader and standby alike)."""
+        waiting = [i.kind for i in self.informers if not i.synced]
+        return f"watches not synced: {', '.join(waiting)}" if waiting else None
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Watch, elect, reconcile while leading; ``started()`` once all watches have synced."""
+        async with anyio.create_task_group() as tg:
+            for inf in self.informers:
+                tg.start_soon(inf.run)
+            waited = 0.0
+            while (reason := self.ready_check()) is not None:
+                # Informers expose a flag, not an event: poll it, with a log line now and then.
+                await anyio.sleep(0.05)
+                waited += 0.05
+                if waited >= SYNC_LOG_INTERVAL:
+                    waited = 0.0
+                    log.warning("still waiting for watches", reason=reason)
+            log.info("watches synced", identity=self.identity)
+            await tg.start(self.leader.run, self._lead)
+            task_status.started()
+
+    def _leadership_changed(self, leading: bool) -> None:
+        self.metrics.is_leader.set(1 if leading else 0)
+
+    async def _lead(self) -> None:
+        """Everything only the leader does; cancelled when the Lease is lost."""
+        async with anyio.create_task_group() as tg:
+            self.queue.bind(tg)
+            try:
+                self._enqueue_everything()
+                for _ in range(self.settings.workers):
+                    tg.start_soon(self._worker)
+                tg.start_soon(self.jobs.run)
+                tg.start_soon(self._resync)
+                tg.start_soon(self._gauges)
+                await anyio.sleep_forever()
+            finally:
+                self.queue.bind(None)
+
+    async def _resync(self) -> None:
+        while True:
+            await anyio.sleep(self.settings.resync_interval)
+            self._enqueue_everything()
+
+    async def _gauges(self) -> None:
+        while True:
+            self.update_gauges()
+            await anyio.sleep(GAUGE_INTERVAL)
+
+    def update_gauges(self) -> None:
+        counts: dict[tuple[Any, Any], int] = {
+            (c, s): 0 for c in CONDITIONS for s in ("True", "False", "Unknown")
+        }
+        for tunnel in self.tunnels.cache.values():
+            for cond in (tunnel.get("status") or {}).get("conditions") or []:
+                pair = (cond.get("type"), cond.get("status"))
+                if pair in counts:
+                    counts[pair] += 1
+        for (cond_type, status), n in counts.items():
+            self.metrics.tunnels.labels(condition=cond_type, status=status).set(n)
+        self.metrics.queue_depth.set(len(self.queue))
+
+    def _enqueue_everything(self) -> None:
+        """Every Tunnel, plus every key still marked on an object (the orphan sweep)."""
+        for key in list(self.tunnels.cache):
+            self.queue.add(key)
+        for inf in (self.services, self.worker_groups, self.deployments):
+            for obj in list(inf.cache.values()):
+                self._enqueue_marks(obj)
+        self.metrics.queue_depth.set(len(self.queue))
+
+    async def _worker(self) -> None:
+        while True:
+            key = await self.queue.get(wait=self.settings.resync_interval)
+            self.metrics.queue_depth.set(len(self.queue))
+            if key is None:
+                continue
+            started = time.perf_counter()
+            try:
+                await self.reconcile(key)
+            except Exception as exc:
+                kind = "conflict" if isinstance(exc, ApiException) and exc.status == 409 else "api"
+                self._error(kind)
+                self.metrics.reconciles.labels(result="error").inc()
+                delay = self.queue.add_rate_limited(key)
+                log.warning(
+                    "reconcile failed",
+                    tunnel=key,
+                    retry_in=round(delay, 2),
+                    error=f"{type(exc).__name__}: {exc}"[:500],
+                )
+            else:
+                self.queue.forget(key)
+                self.metrics.reconciles.labels(result="ok").inc()
+            finally:
+                self.reconciles += 1
+                self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
+                self.queue.done(key)
+
+    def _error(self, kind: str) -> None:
+        self.metrics.errors.labels(kind=kind).inc()
+
+    # -- event handlers: map any change to the Tunnel keys it concerns -----------------------
+
+    def _on_tunnel(self, _kind: str, obj: Obj) -> None:
+        self.queue.add(key_of(obj))
+        self.jobs.notice(obj)
+
+    def _on_pod(self, _kind: str, pod: Obj) -> None:
+        meta = pod.get("metadata") or {}
+        ns, name = meta.get("namespace"), meta.get("name")
+        for key, tunnel in list(self.tunnels.cache.items()):
+            claim = claimed_pod(tunnel)
+            if claim is not None and claim[0] == ns and claim[1] == name:
+                self.queue.add(key)
+        cluster = labels_of(pod).get(CLUSTER_LABEL)
+        if isinstance(ns, str) and cluster:
+            self._enqueue_cluster(ns, cluster)
+
+    def _on_cluster(self, _kind: str, obj: Obj) -> None:
+        meta = obj.get("metadata") or {}
+        ns, name = meta.get("namespace"), meta.get("name")
+        if isinstance(ns, str) and isinstance(name, str):
+            self._enqueue_cluster(ns, name)
+
+    def _on_marked(self, _kind: str, obj: Obj) -> None:
+        """Services, worker groups, Deployments: their marks, and their cluster's Tunnels."""
+        self._enqueue_marks(obj)
+        ns = (obj.get("metadata") or {}).get("namespace")
+        cluster = labels_of(obj).get(CLUSTER_LABEL) or (obj.get("spec") or {}).get("cluster")
+        if isinstance(ns, str) and isinstance(cluster, str) and cluster:
+            self._enqueue_cluster(ns, cluster)
+
+    def _enqueue_marks(self, obj: Obj) -> None:
+        """Enqueue the Tunnel keys an object is marked with, if they are this namespace's.
+
+        Keys of another namespace belong to another reconciler deployment: leave them alone.
+        """
+        keys = []
+        by = route.routed_by(obj)
+        if by is not None:
+            keys.append(by.tunnel)
+        record = workers.record_of(obj)
+        if record is not None:
+            keys.append(str(record["tunnel"]))
+        for key in keys:
+            if split_key(key)[0] == self.settings.namespace:
+                self.queue.add(key)
+
+    def _enqueue_cluster(self, ns: str, cluster: str) -> None:
+        for key in self._tunnels_for_cluster(ns, cluster):
+            self.queue.add(key)
+
+    def _tunnels_for_cluster(self, ns: str, cluster: str) -> list[str]:
+        found = []
+        for key, tunnel in list(self.tunnels.cache.items()):
+            if self._cluster_of.get(key) == (ns, cluster):
+                found.append(key)
+                continue
+            claim = claimed_pod(tunnel)
+            status_cluster = (tunnel.get("status") or {}).get("cluster")
+            if claim is not None and claim[0] == ns and status_cluster == cluster:
+                found.append(key)
+        return found
+
+    # -- the reconcile -----------------------------------------------------------------------
+
+    async def reconcile(self, key: str) -> None:
+        ns, name = split_key(key)
+        tunnel = await get_or_none(
+            self._custom.get_namespaced_custom_object,
+            TUNNEL_GROUP,
+            TUNNEL_VERSION,
+            ns,
+            TUNNEL_PLURAL,
+            name,
+            _request_timeout=self._timeout,
+        )
+        if tunnel is None or (tunnel.get("metadata") or {}).get("deletionTimestamp"):
+            await self._unroute(key, "the Tunnel is gone (session ended)")
+            self._cluster_of.pop(key, None)
+            return
+
+        verdict, pod = await self._verify(tunnel)
+        job = self.jobs.verdict(tunnel)
+        outcome = Outcome(job=job, cluster=verdict.cluster)
+        outcome.verified = (
+            ("True" if verdict.ok else "False"),
+            verdict.reason,
+            verdict.message,
+        )
+        if verdict.ok and verdict.cluster:
+            self._cluster_of[key] = (claimed_pod(tunnel)[0], verdict.cluster)  # type: ignore[index]
+
+        if job.ended:
+            await self._unroute(key, f"the HTCondor job ended: {job.message}", emit=False)
+            outcome.routed = ("False", "JobEnded", job.message)
+            await self._finish(tunnel, outcome, verdict)
+            await self._delete_tunnel(tunnel, job.message)
+            return
+        if not verdict.ok:
+            await self._unroute(key, f"the claims no longer verify: {verdict.message}")
+            outcome.routed = ("False", "NotVerified", "claims not verified")
+            await self._finish(tunnel, outcome, verdict)
+            return
+        assert pod is not None
+        assert verdict.cluster is not None
+        await self._route(key, tunnel, pod, verdict.cluster, outcome)
+        await self._finish(tunnel, outcome, verdict)
+
+    async def _verify(self, tunnel: Obj) -> tuple[Verdict, Obj | None]:
+        claim = claimed_pod(tunnel)
+        pod = node = None
+        if claim is not None:
+            pod = await get_or_none(
+                self._core.read_namespaced_pod, claim[1], claim[0], _request_timeout=self._timeout
+            )
+        node_name = ((pod or {}).get("spec") or {}).get("nodeName")
+        if pod is not None and self.nodes.labels and node_name:
+            node = await get_or_none(
+                self._core.read_node, node_name, _request_timeout=self._timeout
+            )
+        return verify(tunnel, pod, node, self.users, self.nodes), pod
+
+    async def _route(self, key: str, tunnel: Obj, pod: Obj, cluster: str, outcome: Outcome) -> None:
+        spec = tunnel.get("spec") or {}
+        pod_meta = pod.get("metadata") or {}
+        ns = str(pod_meta.get("namespace"))
+        tunnel_ns = split_key(key)[0]
+        service_name = route.scheduler_service_name(cluster)
+        if ns != tunnel_ns:
+            # A Service selects pods of its own namespace only: a forwarder pod elsewhere would
+            # leave it with no endpoints. Refuse loudly rather than route into nothing.
+            await self._unroute(key, "the forwarder cannot be selected from this namespace")
+            outcome.routed = (
+                "False",
+                "ForwarderInOtherNamespace",
+                f"Service {ns}/{service_name} cannot select forwarder pods in namespace "
+                f"{tunnel_ns}: run the DaskCluster in {tunnel_ns} or a forwarder in {ns}",
+            )
+            return
+        forwarder = (spec.get("forwarder") or {}).get("podName")
+        ports = route.session_ports(tunnel)
+        if not isinstance(forwarder, str) or not forwarder or not ports:
+            await self._unroute(key, "the session has no forwarder pod or no services")
+            outcome.routed = ("False", "NoServices", "the session has no forwarder pod or ports")
+            return
+        by = route.RoutedBy(key, ns, str(pod_meta.get("name")), str(pod_meta.get("uid")))
+
+        # Services this key routed that are no longer the right one (the claim moved on).
+        for svc in list(self.services.cache.values()):
+            owner = route.routed_by(svc)
+            if owner is not None and owner.tunnel == key and key_of(svc) != f"{ns}/{service_name}":
+                await self._restore_service(key_of(svc), key, "the session moved to another pod")
+
+        state: dict[str, Any] = {"superseded_by": None, "changed": False, "found": True}
+
+        async def attempt() -> bool:
+            service = await get_or_none(
+                self._core.read_namespaced_service, service_name, ns, _request_timeout=self._timeout
+            )
+            if service is None:
+                state["found"] = False
+                return False
+            owner = route.routed_by(service)
+            if owner is not None and owner.tunnel != key and self._newer_claim(owner.tunnel, key):
+                state["superseded_by"] = owner.tunnel
+                return False
+            routed = route.routed_spec(route.original_of(service), forwarder, ports)
+            patch = route.route_patch(service, routed, by)
+            if patch is None:
+                return False
+            await patch_json(
+                self._core.patch_namespaced_service,
+                service_name,
+                ns,
+                patch,
+                request_timeout=self._timeout,
+            )
+            return True
+
+        state["changed"] = await self._retry(attempt)
+        if not state["found"]:
+            await self._unroute(key, f"Service {ns}/{service_name} does not exist")
+            outcome.routed = (
+                "False",
+                "ServiceNotFound",
+                f"Service {ns}/{service_name} does not exist (yet)",
+            )
+            return
+        if state["superseded_by"] is not None:
+            outcome.routed = (
+                "False",
+                "Superseded",
+                f"Service {ns}/{service_name} is routed to the newer Tunnel "
+                f"{state['superseded_by']}",
+            )
+            await self._restore_workers(key)
+            return
+        mapping = ", ".join(f"{n}->{p}" for n, p in sorted(ports.items()))
+        outcome.routed = (
+            "True",
+            "Routed",
+            f"Service {ns}/{service_name} selects forwarder pod {forwarder} ({mapping})",
+        )
+        outcome.routed_service = f"{ns}/{service_name}"
+        if state["changed"]:
+            log.info("routed", tunnel=key, service=outcome.routed_service, forwarder=forwarder)
+
+        await self._route_workers(key, tunnel, ns, cluster, outcome)
+        await self._make_ready(pod, True, outcome)
+
+    def _newer_claim(self, other: str, mine: str) -> bool:
+        """True when Tunnel ``other`` exists, is verified and is newer than ``mine``."""
+        theirs = self.tunnels.cache.get(other)
+        ours = self.tunnels.cache.get(mine)
+        if theirs is None:
+            return False
+        conditions = {
+            c.get("type"): c.get("status")
+            for c in (theirs.get("status") or {}).get("conditions") or []
+        }
+        if conditions.get("Verified") != "True":
+            return False
+
+        def age(t: Obj | None) -> tuple[str, str]:
+            meta = (t or {}).get("metadata") or {}
+            return (str(meta.get("creationTimestamp", "")), str(meta.get("name", "")))
+
+        return age(theirs) > age(ours)
+
+    async def _route_workers(
+        self, key: str, tunnel: Obj, ns: str, cluster: str, outcome: Outcome
+    ) -> None:
+        spec = tunnel.get("spec") or {}
+        private_ip = spec.get("privateIP")
+        if not isinstance(private_ip, str) or not private_ip:
+            await self._restore_workers(key)
+            return
+        port = route.remote_port(tunnel, "scheduler") or 8786
+        address = workers.scheduler_address(private_ip, port)
+        changed: list[str] = []
+        for obj in await self._worker_objects(ns, cluster):
+            if await self._patch_worker(obj, lambda o: workers.set_patch(o, key, address)):
+                changed.append(f"{obj['kind']} {obj['metadata']['name']}")
+        if changed:
+            outcome.notes.append(
+                (
+                    "WorkersUpdated",
+                    f"DASK_SCHEDULER_ADDRESS={address} set on {', '.join(changed)}",
+                    False,
+                )
+            )
+
+    async def _worker_objects(self, ns: str, cluster: str) -> list[Obj]:
+        groups = await call_json(
+            self._custom.list_namespaced_custom_object,
+            DASK_GROUP,
+            DASK_VERSION,
+            ns,
+            "daskworkergroups",
+            _request_timeout=self._timeout,
+        )
+        deployments = await call_json(
+            self._apps.list_namespaced_deployment,
+            ns,
+            label_selector=f"{CLUSTER_LABEL}={cluster},{COMPONENT_LABEL}=worker",
+            _request_timeout=self._timeout,
+        )
+        found: list[Obj] = []
+        for item in groups.get("items") or []:
+            if (item.get("spec") or {}).get("cluster") == cluster:
+                item.setdefault("kind", "DaskWorkerGroup")
+                found.append(item)
+        for item in deployments.get("items") or []:
+            item.setdefault("kind", "Deployment")
+            found.append(item)
+        return found
+
+    async def _patch_worker(
+        self, obj: Obj, compute: Callable[[Obj], Obj | None], *, read_first: bool = False
+    ) -> bool:
+        """Patch a worker group or Deployment with what ``compute`` says; re-read on 409."""
+        kind = obj.get("kind")
+        ns, name = split_key(key_of(obj))
+        current: dict[str, Obj | None] = {"obj": None if read_first else obj}
+
+        async def read() -> Obj | None:
+            if kind == "DaskWorkerGroup":
+                fresh = await get_or_none(
+                    self._custom.get_namespaced_custom_object,
+                    DASK_GROUP,
+                    DASK_VERSION,
+                    ns,
+                    "daskworkergroups",
+                    name,
+                    _request_timeout=self._timeout,
+                )
+            else:
+                fresh = await get_or_none(
+                    self._apps.read_namespaced_deployment, name, ns, _request_timeout=self._timeout
+                )
+            if fresh is not None:
+                fresh.setdefault("kind", kind)
+            return fresh
+
+        async def attempt() -> bool:
+            target = current["obj"]
+            current["obj"] = None  # the next attempt (after a 409) reads afresh
+            if target is None:
+                target = await read()
+            if target is None:
+                return False
+            patch = compute(target)
+            if patch is None:
+                return False
+            try:
+                if kind == "DaskWorkerGroup":
+                    await patch_json(
+                        self._custom.patch_namespaced_custom_object,
+                        DASK_GROUP,
+                        DASK_VERSION,
+                        ns,
+                        "daskworkergroups",
+                        name,
+                        patch,
+                        request_timeout=self._timeout,
+                    )
+                else:
+                    await patch_json(
+                        self._apps.patch_namespaced_deployment,
+                        name,
+                        ns,
+                        patch,
+                        request_timeout=self._timeout,
+                    )
+            except ApiException as exc:
+                if exc.status == 404:
+                    return False
+                raise
+            return True
+
+        return await self._retry(attempt)
+
+    async def _make_ready(self, pod: Obj, ready: bool, outcome: Outcome | None) -> bool:
+        meta = pod.get("metadata") or {}
+        patch = readiness.ready_patch(pod, ready)
+        if patch is None:
+            return False
+        try:
+            await patch_json(
+                self._core.patch_namespaced_pod_status,
+                meta["name"],
+                meta["namespace"],
+                patch,
+                content_type=STRATEGIC_MERGE_PATCH,
+                request_timeout=self._timeout,
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        log.info("scheduler pod readiness", pod=f"{meta['namespace']}/{meta['name']}", ready=ready)
+        if outcome is not None and ready:
+            outcome.notes.append(
+                (
+                    "SchedulerReady",
+                    f"pod {meta['name']}: Ready and ContainersReady set "
+                    "(reachable through the tunnel)",
+                    False,
+                )
+            )
+        return True
+
+    # -- undo ----------------------------------------------------------------------------------
+
+    async def _unroute(self, key: str, why: str, *, emit: bool = True) -> list[str]:
+        """Restore everything marked with ``key``; returns the clusters touched ("ns/cluster")."""
+        touched: list[str] = []
+        for svc in list(self.services.cache.values()):
+            owner = route.routed_by(svc)
+            if owner is not None and owner.tunnel == key:
+                cluster = await self._restore_service(key_of(svc), key, why, emit=emit)
+                if cluster:
+                    touched.append(cluster)
+        restored = await self._restore_workers(key)
+        if restored and emit:
+            by_cluster: dict[str, list[str]] = {}
+            for obj in restored:
+                ns = (obj.get("metadata") or {}).get("namespace", "")
+                cl = labels_of(obj).get(CLUSTER_LABEL) or (obj.get("spec") or {}).get("cluster", "")
+                what = f"{obj['kind']} {obj['metadata']['name']}"
+                by_cluster.setdefault(f"{ns}/{cl}", []).append(what)
+            for nc, names in by_cluster.items():
+                cns, cname = split_key(nc)
+                await self._cluster_event(
+                    cns,
+                    cname,
+                    "WorkersRestored",
+                    f"DASK_SCHEDULER_ADDRESS restored on {', '.join(names)}",
+                )
+        # Another Tunnel for the same cluster may have been waiting (superseded): look again.
+        for nc in touched:
+            cns, cname = split_key(nc)
+            for other in self._tunnels_for_cluster(cns, cname):
+                if other != key:
+                    self.queue.add(other)
+        return touched
+
+    async def _restore_service(
+        self, svc_key: str, key: str, why: str, *, emit: bool = True
+    ) -> str | None:
+        ns, name = split_key(svc_key)
+        found: dict[str, Any] = {}
+
+        async def attempt() -> bool:
+            service = await get_or_none(
+                self._core.read_namespaced_service, name, ns, _request_timeout=self._timeout
+            )
+            if service is None:
+                return False
+            owner = route.routed_by(service)
+            if owner is None or owner.tunnel != key:
+                return False  # restored already, or taken over by another Tunnel
+            patch = route.restore_patch(service)
+            if patch is None:
+                return False
+            await patch_json(
+                self._core.patch_namespaced_service, name, ns, patch, request_timeout=self._timeout
+            )
+            found["owner"] = owner
+            found["cluster"] = labels_of(service).get(CLUSTER_LABEL)
+            return True
+
+        if not await self._retry(attempt):
+            return None
+        self.metrics.restored.labels(kind="Service").inc()
+        owner: route.RoutedBy = found["owner"]
+        cluster = found.get("cluster")
+        log.info("unrouted", tunnel=key, service=svc_key, why=why)
+        # The scheduler pod this routing made ready is not reachable any more.
+        pod = await get_or_none(
+            self._core.read_namespaced_pod,
+            owner.pod_name,
+            owner.pod_namespace,
+            _request_timeout=self._timeout,
+        )
+        if pod is not None and (pod.get("metadata") or {}).get("uid") == owner.pod_uid:
+            await self._make_ready(pod, False, None)
+        if emit and cluster:
+            await self._cluster_event(
+                ns,
+                cluster,
+                "Unrouted",
+                f"Service {name} restored to its original selector and ports: {why}",
+            )
+        return f"{ns}/{cluster}" if cluster else None
+
+    async def _restore_workers(self, key: str) -> list[Obj]:
+        marked = [
+            obj
+            for inf in (self.worker_groups, self.deployments)
+            for obj in list(inf.cache.values())
+            if (workers.record_of(obj) or {}).get("tunnel") == key
+        ]
+        return await self._restore_worker_objects(marked, key)
+
+    async def _restore_worker_objects(self, marked: list[Obj], key: str) -> list[Obj]:
+        restored = []
+        for obj in marked:
+            ns = str((obj.get("metadata") or {}).get("namespace", ""))
+            found = labels_of(obj).get(CLUSTER_LABEL) or (obj.get("spec") or {}).get("cluster")
+            cluster = found if isinstance(found, str) else None
+
+            def compute(o: Obj, cluster: str | None = cluster, ns: str = ns) -> Obj | None:
+                record = workers.record_of(o)
+                if record is None or record.get("tunnel") != key:
+                    return None  # restored already, or someone else's now
+                return workers.restore_patch(o, cluster, ns)
+
+            # The cached copy may be stale: read first.
+            if await self._patch_worker(obj, compute, read_first=True):
+                restored.append(obj)
+                self.metrics.restored.labels(kind=str(obj.get("kind"))).inc()
+        return restored
+
+    async def _delete_tunnel(self, tunnel: Obj, why: str) -> None:
+        meta = tunnel.get("metadata") or {}
+        try:
+            await call_json(
+                self._custom.delete_namespaced_custom_object,
+                TUNNEL_GROUP,
+                TUNNEL_VERSION,
+                meta["namespace"],
+                TUNNEL_PLURAL,
+                meta["name"],
+                _request_request_timeout=self._timeout,
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+        log.info("tunnel deleted", tunnel=key_of(tunnel), why=why)
+
+    # -- status and Events ---------------------------------------------------------------------
+
+    async def _finish(self, tunnel: Obj, outcome: Outcome, verdict: Verdict) -> None:
+        """Write the status (if it changed) and one Event per transition."""
+        meta = tunnel.get("metadata") or {}
+        status = tunnel.get("status") or {}
+        old = {c.get("type"): c for c in status.get("conditions") or [] if isinstance(c, dict)}
+        wanted: dict[str, tuple[str, str, str]] = {
+            "Verified": outcome.verified,
+            "Routed": outcome.routed,
+        }
+        job = outcome.job
+        if job is not None:
+            wanted["JobRunning"] = (job.status, job.reason, job.message)
+        now = rfc3339()
+        conditions = []
+        transitions: dict[str, tuple[str | None, str]] = {}
+        for cond_type, (cond_status, reason, message) in wanted.items():
+            previous = old.get(cond_type) or {}
+            changed = previous.get("status") != cond_status
+            if changed:
+                transitions[cond_type] = (previous.get("status"), cond_status)
+            conditions.append(
+                {
+                    "type": cond_type,
+                    "status": cond_status,
+                    "reason": reason or cond_type,
+                    "message": message,
+                    "lastTransitionTime": (
+                        now if changed else previous.get("lastTransitionTime", now)
+                    ),
+                }
+            )
+        new_status = {
+            "conditions": conditions,
+            "cluster": outcome.cluster,
+            "routedService": outcome.routed_service,
+            "observedSessionId": (tunnel.get("spec") or {}).get("sessionId"),
+        }
+        current = {
+            "conditions": status.get("conditions"),
+            "cluster": status.get("cluster"),
+            "routedService": status.get("routedService"),
+            "observedSessionId": status.get("observedSessionId"),
+        }
+        if new_status != current:
+            try:
+                await patch_json(
+                    self._custom.patch_namespaced_custom_object_status,
+                    TUNNEL_GROUP,
+                    TUNNEL_VERSION,
+                    meta["namespace"],
+                    TUNNEL_PLURAL,
+                    meta["name"],
+                    {"status": new_status},
+                    request_timeout=self._timeout,
+                )
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+                return
+        await self._emit_transitions(tunnel, outcome, transitions, verdict)
+
+    async def _emit_transitions(
+        self,
+        tunnel: Obj,
+        outcome: Outcome,
+        transitions: dict[str, tuple[str | None, str]],
+        verdict: Verdict,
+    ) -> None:
+        tref = Ref.tunnel(tunnel)
+        ns = ((tunnel.get("spec") or {}).get("pod") or {}).get("namespace")
+        cluster = outcome.cluster
+        user = (tunnel.get("spec") or {}).get("user")
+
+        async def on_cluster(reason: str, message: str, warning: bool = False) -> None:
+            if isinstance(ns, str) and cluster:
+                await self._cluster_event(ns, cluster, reason, message, warning=warning)
+
+        if "Verified" in transitions:
+            if verdict.ok:
+                await self.events.emit(tref, "Verified", verdict.message)
+            else:
+                text = f"session of user {user} refused: {verdict.message}"
+                await self.events.emit(tref, "Refused", text, warning=True)
+                await on_cluster("TunnelRefused", text, True)
+        if "Routed" in transitions:
+            status, reason, message = outcome.routed
+            if status == "True":
+                await self.events.emit(tref, "Routed", message)
+                await on_cluster("Routed", message)
+            elif transitions["Routed"][0] == "True" or reason not in ("NotVerified", "JobEnded"):
+                await self.events.emit(tref, reason, message, warning=reason != "JobEnded")
+                if reason not in ("NotVerified", "JobEnded"):
+                    await on_cluster(reason, message, True)
+        job = outcome.job
+        if "JobRunning" in transitions and job is not None and job.status == "False":
+            await self.events.emit(tref, job.reason, job.message, warning=True)
+            if verdict.ok:
+                await on_cluster(job.reason, f"{job.message}; the tunnel is closed", True)
+        for reason, message, warning in outcome.notes:
+            await on_cluster(reason, message, warning)
+
+    async def _cluster_event(
+        self, ns: str, cluster: str, reason: str, message: str, *, warning: bool = False
+    ) -> None:
+        obj = self.clusters.cache.get(f"{ns}/{cluster}")
+        if obj is None:
+            try:
+                obj = await get_or_none(
+                    self._custom.get_namespaced_custom_object,
+                    DASK_GROUP,
+                    DASK_VERSION,
+                    ns,
+                    "daskclusters",
+                    cluster,
+                    _request_timeout=self._timeout,
+                )
+            except ApiException:
+                obj = None
+        if obj is None:
+            return
+        obj.setdefault("apiVersion", f"{DASK_GROUP}/{DASK_VERSION}")
+        await self.events.emit(Ref.dask_cluster(obj), reason, message, warning=warning)
+
+    async def _retry(self, attempt: Callable[[], Awaitable[bool]]) -> bool:
+        return await retry_conflicts(attempt)

@@ -1,0 +1,187 @@
+"""Step 1: check a Tunnel's claims against Kubernetes before anything is routed (invariant 1).
+
+The only fact in a Tunnel the reconciler trusts is ``spec.user`` (the forwarder wrote it from
+authentication). Everything else came from the agent: the pod it claims to be, its private IP.
+A claim is accepted only when the pod
+
+* exists under that namespace/name **with that UID** (a replaced pod is a different pod);
+* belongs to the authenticated user, by the configured rules (all configured rules must hold):
+  its namespace is the user's namespace (``JOBTUNNEL_USER_NAMESPACE`` with ``{user}`` replaced by
+  the user name escaped the way KubeSpawner escapes it), and/or a pod label / annotation names
+  the user;
+* is bound to the InterLink virtual node (by node name and/or node labels);
+* is a Dask scheduler pod: it carries ``dask.org/cluster-name`` (which cluster to route) and
+  ``dask.org/component=scheduler`` (so a worker pod cannot steal its cluster's Service).
+
+User name escaping (documented choice): KubeSpawner >= 7 defaults to the "safe" slug scheme:
+a name that is already a valid DNS label (lowercase letters, digits, '-', starts with a letter,
+at most 63 characters, no '--') is used as is; anything else becomes
+``<stripped name>---<first 8 hex of sha256(name)>``. The legacy scheme (KubeSpawner < 7,
+``slug_scheme="escape"``) escapes every character outside ``[a-z0-9]`` as ``-XX`` (hex of each
+UTF-8 byte) and lower-cases the result. ``JOBTUNNEL_USER_SLUG_SCHEME`` picks one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+from daemons.reconciler.kube import CLUSTER_LABEL, COMPONENT_LABEL, Obj, annotations_of, labels_of
+
+_VALID_OBJECT = re.compile(r"[a-z][a-z0-9-]{0,62}")
+_NON_ALNUM = re.compile(r"[^a-z0-9]+")
+
+
+def _extract_safe_name(name: str, max_length: int) -> str:
+    safe = _NON_ALNUM.sub("-", name.lower())
+    safe = safe.lstrip("-")[:max_length].rstrip("-")
+    if safe and not safe[0].isalpha():
+        safe = "x-" + safe[: max_length - 2]
+    return safe or "x"
+
+
+def safe_slug(name: str, max_length: int = 32) -> str:
+    """KubeSpawner's ``safe_slug`` (slugs.py): valid names unchanged, others stripped + hashed."""
+    if "--" not in name and _VALID_OBJECT.fullmatch(name) and name[-1].isalnum():
+        return name
+    digest = hashlib.sha256(name.encode("utf8")).hexdigest()[:8]
+    return f"{_extract_safe_name(name, max_length - 11)}---{digest}"
+
+
+def escape_slug(name: str) -> str:
+    """KubeSpawner's legacy ``escapism.escape(name, safe=[a-z0-9], escape_char='-').lower()``."""
+    out = []
+    for char in name:
+        if char in "abcdefghijklmnopqrstuvwxyz0123456789":
+            out.append(char)
+        else:
+            out.extend(f"-{byte:02X}" for byte in char.encode("utf8"))
+    return "".join(out).lower()
+
+
+def user_slug(user: str, scheme: str) -> str:
+    return escape_slug(user) if scheme == "escape" else safe_slug(user)
+
+
+@dataclass(frozen=True)
+class UserRules:
+    namespace_pattern: str = "jupyter-{user}"
+    label: str = ""
+    annotation: str = ""
+    slug_scheme: str = "safe"
+
+    def expected_namespace(self, user: str) -> str | None:
+        if not self.namespace_pattern:
+            return None
+        return self.namespace_pattern.replace("{user}", user_slug(user, self.slug_scheme))
+
+
+@dataclass(frozen=True)
+class NodeRules:
+    name: str | None = None
+    labels: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of verification; ``reason`` is a CamelCase condition reason."""
+
+    ok: bool
+    reason: str
+    message: str
+    cluster: str | None = None
+
+    @classmethod
+    def refuse(cls, reason: str, message: str, cluster: str | None = None) -> Verdict:
+        return cls(False, reason, message, cluster)
+
+
+def claimed_pod(tunnel: Obj) -> tuple[str, str, str] | None:
+    pod = (tunnel.get("spec") or {}).get("pod") or {}
+    ns, name, uid = pod.get("namespace"), pod.get("name"), pod.get("uid")
+    if not (isinstance(ns, str) and isinstance(name, str) and isinstance(uid, str)):
+        return None
+    if not (ns and name and uid):
+        return None
+    return ns, name, uid
+
+
+def verify(
+    tunnel: Obj, pod: Obj | None, node: Obj | None, users: UserRules, nodes: NodeRules
+) -> Verdict:
+    """Judge the claims of ``tunnel`` given the live pod (None: absent) and its node.
+
+    Pure: the caller reads the objects; this only decides, so every rule is unit-testable.
+    """
+    spec = tunnel.get("spec") or {}
+    user = spec.get("user")
+    if not isinstance(user, str) or not user:
+        return Verdict.refuse("NoUser", "the Tunnel names no authenticated user")
+    claim = claimed_pod(tunnel)
+    if claim is None:
+        return Verdict.refuse(
+            "NoPodClaim",
+            "the session claims no pod (namespace, name and uid): nothing can be verified",
+        )
+    ns, name, uid = claim
+    if pod is None:
+        return Verdict.refuse("PodNotFound", f"pod {ns}/{name} does not exist")
+    meta = pod.get("metadata") or {}
+    pod_labels = labels_of(pod)
+    cluster = pod_labels.get(CLUSTER_LABEL) or None
+    if meta.get("uid") != uid:
+        return Verdict.refuse(
+            "UIDMismatch",
+            f"pod {ns}/{name} has uid {meta.get('uid')}, the session claims {uid}",
+            cluster,
+        )
+    if meta.get("deletionTimestamp"):
+        return Verdict.refuse("PodTerminating", f"pod {ns}/{name} is being deleted", cluster)
+    expected_ns = users.expected_namespace(user)
+    if expected_ns is not None and ns != expected_ns:
+        return Verdict.refuse(
+            "WrongUser",
+            f"pod {ns}/{name} is not in user {user}'s namespace {expected_ns}",
+            cluster,
+        )
+    if users.label and pod_labels.get(users.label) != user:
+        return Verdict.refuse(
+            "WrongUser",
+            f"pod {ns}/{name} label {users.label}={pod_labels.get(users.label)!r} "
+            f"does not name user {user}",
+            cluster,
+        )
+    if users.annotation and annotations_of(pod).get(users.annotation) != user:
+        return Verdict.refuse(
+            "WrongUser",
+            f"pod {ns}/{name} annotation {users.annotation} does not name user {user}",
+            cluster,
+        )
+    node_name = (pod.get("spec") or {}).get("nodeName")
+    if nodes.name is not None and node_name != nodes.name:
+        return Verdict.refuse(
+            "NotOnVirtualNode",
+            f"pod {ns}/{name} runs on node {node_name or '(none)'}, not on {nodes.name}",
+            cluster,
+        )
+    if nodes.labels:
+        node_labels = labels_of(node) if node is not None else {}
+        missing = [f"{k}={v}" for k, v in nodes.labels if node_labels.get(k) != v]
+        if not node_name or missing:
+            return Verdict.refuse(
+                "NotOnVirtualNode",
+                f"pod {ns}/{name} runs on node {node_name or '(none)'}, which lacks "
+                f"{', '.join(missing) or 'the virtual node labels'}",
+                cluster,
+            )
+    if cluster is None:
+        return Verdict.refuse("NotDaskScheduler", f"pod {ns}/{name} has no {CLUSTER_LABEL} label")
+    if pod_labels.get(COMPONENT_LABEL) != "scheduler":
+        return Verdict.refuse(
+            "NotDaskScheduler",
+            f"pod {ns}/{name} is not a Dask scheduler ({COMPONENT_LABEL}="
+            f"{pod_labels.get(COMPONENT_LABEL)!r})",
+            cluster,
+        )
+    return Verdict(True, "ClaimsVerified", f"pod {ns}/{name} (uid {uid}) of user {user}", cluster)
