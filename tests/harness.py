@@ -29,7 +29,7 @@ from daemons.agent.session import AgentIdentity, AgentSession
 from daemons.agent.settings import AgentSettings
 from daemons.forwarder.metrics import ForwarderMetrics
 from daemons.forwarder.server import Forwarder
-from daemons.forwarder.sessions import MemoryPublisher
+from daemons.forwarder.sessions import MemoryPublisher, Publisher
 from daemons.forwarder.settings import ForwarderSettings
 from shared import config, hostkeys
 from shared.auth import Authenticator, FailureLimiter, TokenFileVerifier, TokenVerifier
@@ -132,10 +132,12 @@ async def running_forwarder(
     settings: ForwarderSettings,
     verifier: TokenVerifier | None = None,
     registry: CollectorRegistry | None = None,
+    publisher: Publisher | None = None,
 ) -> AsyncIterator[RunningForwarder]:
     """The real forwarder, in this process, on loopback ports of its own choosing.
 
-    Pass ``registry`` to expose a verifier's own metrics (built on it) on ``/metrics`` too.
+    Pass ``registry`` to expose a verifier's own metrics (built on it) on ``/metrics`` too,
+    ``publisher`` to publish elsewhere than in memory (e.g. Kubernetes Tunnels).
     """
     registry = registry if registry is not None else new_registry()
     host_key = hostkeys.load_or_generate(settings.host_key)
@@ -152,7 +154,7 @@ async def running_forwarder(
             ),
             registry=registry,
         ),
-        publisher=MemoryPublisher(),
+        publisher=publisher if publisher is not None else MemoryPublisher(),
         metrics=ForwarderMetrics(registry, port_capacity=len(settings.port_range)),
     )
     async with (

@@ -229,6 +229,8 @@ class AgentSession:
             "keepalive_count_max": 4,
             "connect_timeout": s.connect_timeout,
             "encoding": None,
+            "encryption_algs": list(hostkeys.CIPHERS),
+            "compression_algs": None,  # the payload is mostly already compressed or tiny
         }
         if s.host_key_fingerprint:
             options["known_hosts"] = ([], [], [])  # trust nothing, ask the client factory
@@ -316,7 +318,7 @@ class AgentSession:
             return conn.forward_connection(host, port)
 
         try:
-            await conn.create_server(session_factory, name, 0)
+            await conn.create_server(session_factory, name, 0, window=hostkeys.FORWARD_WINDOW)
         except asyncssh.ChannelListenError as exc:
             raise _Fatal(f"forwarder refused the {name!r} forward: {exc}") from None
 

@@ -558,13 +558,16 @@ class KubernetesPublisher:
                     self._observe(obj)  # still ours: our view was stale
                     self._wake.set()
                     return
-                reason, code = f"Tunnel taken over by forwarder pod {holder}", "taken-over"
+                # Another replica holds the newer session: our agent must stand down.
+                reason, code = f"Tunnel taken over by forwarder pod {holder}", "replaced"
             del self._desired[name]
             self._status_sent.pop(name, None)
             self.metrics.ended.labels(reason=code).inc()
             log.info("tunnel gone: ending session", tunnel=name, session=session_id, reason=reason)
             if self._end_session is not None:
-                self._end_session(session_id, reason)
+                self._end_session(
+                    session_id, reason, "replaced" if code == "replaced" else "session-ended"
+                )
         finally:
             self._checking.discard(name)
 

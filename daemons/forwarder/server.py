@@ -36,6 +36,7 @@ from daemons.forwarder.sessions import (
     identity_of,
 )
 from daemons.forwarder.settings import ForwarderSettings
+from shared import hostkeys
 from shared import protocol as p
 from shared.auth import Authenticator
 from shared.config import HostPort, Secret
@@ -132,6 +133,7 @@ class Forwarder:
                 encoding=None,
                 line_editor=False,
                 reuse_address=True,
+                encryption_algs=list(hostkeys.CIPHERS),
             )
             port = self._server.sockets[0].getsockname()[1]
             log.info("listening", ssh=str(HostPort(s.listen.host, port)))
@@ -598,6 +600,8 @@ class _Connection(asyncssh.SSHServer):
         if isinstance(event, _ForwardReady):
             if not session.published:
                 await self._publish(session)
+            else:  # a plain SSH client's later forward: publish the new service too
+                await self.fw.publisher.publish(session)
             return None
         if isinstance(event, p.Hello):
             return self._hello(session, event)

@@ -114,8 +114,10 @@ def identity_of(
     return (user, f"instance:{instance_id}")
 
 
-EndSession = Callable[[str, str], None]
-"""``end_session(session_id, reason)``: how a publisher ends a session it learns is gone."""
+EndSession = Callable[[str, str, str], None]
+"""``end_session(session_id, reason, code)``: how a publisher ends a session it learns is gone.
+
+The code reaches the agent in an ``error`` frame: ``replaced`` makes it stand down."""
 
 
 class Publisher(Protocol):
