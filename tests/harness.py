@@ -226,7 +226,13 @@ async def running_agent(
 class Process:
     """A subprocess whose output goes to a file, stopped for sure at the end."""
 
-    def __init__(self, argv: list[str], log: Path, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        log: Path,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
         self.argv = argv
         self.log_path = log
         self._log = log.open("wb")
@@ -235,6 +241,7 @@ class Process:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=dict(env) if env is not None else None,
+            cwd=cwd,
             start_new_session=True,
         )
 
@@ -272,8 +279,10 @@ class Process:
 
 
 @contextlib.contextmanager
-def process(argv: list[str], log: Path, env: Mapping[str, str] | None = None) -> Iterator[Process]:
-    proc = Process(argv, log, env)
+def process(
+    argv: list[str], log: Path, env: Mapping[str, str] | None = None, cwd: Path | None = None
+) -> Iterator[Process]:
+    proc = Process(argv, log, env, cwd)
     try:
         yield proc
     finally:
