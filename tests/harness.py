@@ -27,14 +27,14 @@ from prometheus_client import CollectorRegistry
 
 from daemons.agent.session import AgentIdentity, AgentSession
 from daemons.agent.settings import AgentSettings
-from daemons.forwarder.metrics import ForwarderMetrics
+from daemons.forwarder.__main__ import build_forwarder, serve_forwarder_http
 from daemons.forwarder.server import Forwarder
 from daemons.forwarder.sessions import MemoryPublisher, Publisher
 from daemons.forwarder.settings import ForwarderSettings
 from shared import config, hostkeys
-from shared.auth import Authenticator, FailureLimiter, TokenFileVerifier, TokenVerifier
+from shared.auth import TokenFileVerifier, TokenVerifier
 from shared.config import HostPort, Secret
-from shared.metrics import new_registry, serve_http
+from shared.metrics import new_registry
 
 DEADLINE = 60.0  # generous: tests must pass on a loaded 2-core machine
 
@@ -140,36 +140,23 @@ async def running_forwarder(
     ``publisher`` to publish elsewhere than in memory (e.g. Kubernetes Tunnels).
     """
     registry = registry if registry is not None else new_registry()
-    host_key = hostkeys.load_or_generate(settings.host_key)
     if verifier is None:
         assert settings.token_file is not None
         verifier = TokenFileVerifier(settings.token_file)
-    forwarder = Forwarder(
+    forwarder = build_forwarder(
         settings,
-        host_key=host_key,
-        authenticator=Authenticator(
-            verifier,
-            FailureLimiter(
-                max_failures=settings.auth_max_failures, window=settings.auth_failure_window
-            ),
-            registry=registry,
-        ),
+        registry,
+        verifier=verifier,
         publisher=publisher if publisher is not None else MemoryPublisher(),
-        metrics=ForwarderMetrics(registry, port_capacity=len(settings.port_range)),
     )
     async with (
-        serve_http(
-            settings.http,
-            registry,
-            ready_checks={"forwarder": forwarder.ready_check},
-            json_routes={"/tunnels": forwarder.tunnels},
-        ) as http,
+        serve_forwarder_http(forwarder, registry) as http,
         anyio.create_task_group() as tg,
     ):
         ssh = await tg.start(forwarder.run)
         try:
             yield RunningForwarder(
-                forwarder, ssh, http, hostkeys.fingerprint(host_key), settings.host_key
+                forwarder, ssh, http, hostkeys.fingerprint(forwarder.host_key), settings.host_key
             )
         finally:
             tg.cancel_scope.cancel()

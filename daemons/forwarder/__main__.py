@@ -25,6 +25,7 @@ from shared.auth import (
     TokenFileVerifier,
     TokenVerifier,
 )
+from shared.config import HostPort
 from shared.metrics import new_registry, serve_http
 
 log = logs.get_logger("jobtunnel.forwarder")
@@ -75,36 +76,52 @@ def effective(settings: ForwarderSettings) -> ForwarderSettings:
     return settings
 
 
-async def serve(settings: ForwarderSettings) -> int:
-    settings = effective(settings)
-    registry = new_registry()
-    host_key = hostkeys.load_or_generate(settings.host_key)
-    verifier = build_verifier(settings, registry)
+def build_forwarder(
+    settings: ForwarderSettings,
+    registry: CollectorRegistry,
+    *,
+    verifier: TokenVerifier,
+    publisher: Publisher,
+) -> Forwarder:
+    """The forwarder with its host key, front door and metrics; shared with the tests."""
     limiter = FailureLimiter(
         max_failures=settings.auth_max_failures, window=settings.auth_failure_window
     )
+    return Forwarder(
+        settings,
+        host_key=hostkeys.load_or_generate(settings.host_key),
+        authenticator=Authenticator(verifier, limiter, registry=registry),
+        publisher=publisher,
+        metrics=ForwarderMetrics(registry, port_capacity=len(settings.port_range)),
+    )
+
+
+def serve_forwarder_http(
+    forwarder: Forwarder, registry: CollectorRegistry
+) -> contextlib.AbstractAsyncContextManager[HostPort]:
+    return serve_http(
+        forwarder.settings.http,
+        registry,
+        ready_checks={"forwarder": forwarder.ready_check},
+        json_routes={"/tunnels": forwarder.tunnels},
+    )
+
+
+async def serve(settings: ForwarderSettings) -> int:
+    settings = effective(settings)
+    registry = new_registry()
+    verifier = build_verifier(settings, registry)
     stack = contextlib.AsyncExitStack()
     try:
         publisher = await build_publisher(settings, registry, stack)
     except Exception as exc:  # kube.KubeConfigError; the module may not even be importable
         log.error("cannot publish to kubernetes", error=str(exc))
         return 2
-    forwarder = Forwarder(
-        settings,
-        host_key=host_key,
-        authenticator=Authenticator(verifier, limiter, registry=registry),
-        publisher=publisher,
-        metrics=ForwarderMetrics(registry, port_capacity=len(settings.port_range)),
-    )
+    forwarder = build_forwarder(settings, registry, verifier=verifier, publisher=publisher)
     try:
         async with (
             stack,
-            serve_http(
-                settings.http,
-                registry,
-                ready_checks={"forwarder": forwarder.ready_check},
-                json_routes={"/tunnels": forwarder.tunnels},
-            ) as http,
+            serve_forwarder_http(forwarder, registry) as http,
             anyio.create_task_group() as tg,
         ):
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -113,7 +130,7 @@ async def serve(settings: ForwarderSettings) -> int:
                     "ready",
                     ssh=str(ssh),
                     http=str(http),
-                    host_key_fingerprint=hostkeys.fingerprint(host_key),
+                    host_key_fingerprint=hostkeys.fingerprint(forwarder.host_key),
                     auth=settings.auth,
                     publish=settings.publish,
                 )
