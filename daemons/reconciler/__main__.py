@@ -14,7 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import anyio
-from kubernetes_asyncio import client, config as kube_config
+from kubernetes_asyncio import client
+from kubernetes_asyncio import config as kube_config
 
 from daemons.reconciler.controller import Reconciler
 from daemons.reconciler.jobs import ScheddLike, htcondor_schedd_factory
@@ -33,7 +34,9 @@ async def api_client(settings: ReconcilerSettings) -> client.ApiClient:
             config_file=str(settings.kubeconfig), client_configuration=configuration
         )
     else:
-        kube_config.load_incluster_config(client_configuration=configuration)
+        kube_config.load_incluster_config(  # type: ignore[no-untyped-call]
+            client_configuration=configuration
+        )
     return client.ApiClient(configuration)
 
 

@@ -30,7 +30,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,6 +165,7 @@ class Reconciler:
         )
         # Tunnel key -> (namespace, cluster) as last verified: maps cluster events to Tunnels.
         self._cluster_of: dict[str, tuple[str, str]] = {}
+        self._tunnel_seen: dict[str, tuple[Any, ...]] = {}
         self.reconciles = 0
         timeout, to = settings.watch_timeout, self._timeout
 
@@ -336,8 +337,23 @@ class Reconciler:
 
     # -- event handlers: map any change to the Tunnel keys it concerns -----------------------
 
-    def _on_tunnel(self, _kind: str, obj: Obj) -> None:
-        self.queue.add(key_of(obj))
+    def _on_tunnel(self, kind: str, obj: Obj) -> None:
+        """Spec changes, deletions and new Tunnels; not status-only updates.
+
+        Status is written by this reconciler (conditions) and by the forwarder (heartbeats);
+        neither changes what should be routed, and following them would reconcile every Tunnel
+        again after each heartbeat. The generation changes with the spec and with deletion.
+        """
+        key = key_of(obj)
+        meta = obj.get("metadata") or {}
+        seen = (meta.get("generation"), meta.get("deletionTimestamp"), meta.get("uid"))
+        if kind == "DELETED":
+            self._tunnel_seen.pop(key, None)
+        elif self._tunnel_seen.get(key) == seen:
+            return
+        else:
+            self._tunnel_seen[key] = seen
+        self.queue.add(key)
         self.jobs.notice(obj)
 
     def _on_pod(self, _kind: str, pod: Obj) -> None:
@@ -541,8 +557,11 @@ class Reconciler:
         if state["changed"]:
             log.info("routed", tunnel=key, service=outcome.routed_service, forwarder=forwarder)
 
-        await self._route_workers(key, tunnel, ns, cluster, outcome)
-        await self._make_ready(pod, True, outcome)
+        # The Service is what clients wait for; workers and readiness are independent of it and
+        # of each other, so they go concurrently.
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._route_workers, key, tunnel, ns, cluster, outcome)
+            tg.start_soon(self._make_ready, pod, True, outcome)
 
     def _newer_claim(self, other: str, mine: str) -> bool:
         """True when Tunnel ``other`` exists, is verified and is newer than ``mine``."""
@@ -574,9 +593,15 @@ class Reconciler:
         port = route.remote_port(tunnel, "scheduler") or 8786
         address = workers.scheduler_address(private_ip, port)
         changed: list[str] = []
-        for obj in await self._worker_objects(ns, cluster):
+
+        async def one(obj: Obj) -> None:
             if await self._patch_worker(obj, lambda o: workers.set_patch(o, key, address)):
                 changed.append(f"{obj['kind']} {obj['metadata']['name']}")
+
+        objects = await self._worker_objects(ns, cluster)
+        async with anyio.create_task_group() as tg:
+            for obj in objects:
+                tg.start_soon(one, obj)
         if changed:
             outcome.notes.append(
                 (
@@ -587,20 +612,33 @@ class Reconciler:
             )
 
     async def _worker_objects(self, ns: str, cluster: str) -> list[Obj]:
-        groups = await call_json(
-            self._custom.list_namespaced_custom_object,
-            DASK_GROUP,
-            DASK_VERSION,
-            ns,
-            "daskworkergroups",
-            _request_timeout=self._timeout,
-        )
-        deployments = await call_json(
-            self._apps.list_namespaced_deployment,
-            ns,
-            label_selector=f"{CLUSTER_LABEL}={cluster},{COMPONENT_LABEL}=worker",
-            _request_timeout=self._timeout,
-        )
+        lists: dict[str, Obj] = {}
+
+        async def fetch(
+            name: str, call: Callable[..., Awaitable[Any]], *args: Any, **kw: Any
+        ) -> None:
+            lists[name] = await call_json(call, *args, _request_timeout=self._timeout, **kw)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(
+                fetch,
+                "groups",
+                self._custom.list_namespaced_custom_object,
+                DASK_GROUP,
+                DASK_VERSION,
+                ns,
+                "daskworkergroups",
+            )
+            tg.start_soon(
+                functools.partial(
+                    fetch,
+                    "deployments",
+                    self._apps.list_namespaced_deployment,
+                    ns,
+                    label_selector=f"{CLUSTER_LABEL}={cluster},{COMPONENT_LABEL}=worker",
+                )
+            )
+        groups, deployments = lists["groups"], lists["deployments"]
         found: list[Obj] = []
         for item in groups.get("items") or []:
             if (item.get("spec") or {}).get("cluster") == cluster:
@@ -828,7 +866,7 @@ class Reconciler:
                 meta["namespace"],
                 TUNNEL_PLURAL,
                 meta["name"],
-                _request_request_timeout=self._timeout,
+                _request_timeout=self._timeout,
             )
         except ApiException as exc:
             if exc.status != 404:
@@ -910,33 +948,53 @@ class Reconciler:
         cluster = outcome.cluster
         user = (tunnel.get("spec") or {}).get("user")
 
-        async def on_cluster(reason: str, message: str, warning: bool = False) -> None:
+        # Events are independent and best effort: written concurrently, after the decision.
+        pending: list[Callable[[], Coroutine[Any, Any, None]]] = []
+
+        def on_cluster(reason: str, message: str, warning: bool = False) -> None:
             if isinstance(ns, str) and cluster:
-                await self._cluster_event(ns, cluster, reason, message, warning=warning)
+                pending.append(
+                    functools.partial(
+                        self._cluster_event, ns, cluster, reason, message, warning=warning
+                    )
+                )
 
         if "Verified" in transitions:
             if verdict.ok:
-                await self.events.emit(tref, "Verified", verdict.message)
+                pending.append(
+                    functools.partial(self.events.emit, tref, "Verified", verdict.message)
+                )
             else:
                 text = f"session of user {user} refused: {verdict.message}"
-                await self.events.emit(tref, "Refused", text, warning=True)
-                await on_cluster("TunnelRefused", text, True)
+                pending.append(
+                    functools.partial(self.events.emit, tref, "Refused", text, warning=True)
+                )
+                on_cluster("TunnelRefused", text, True)
         if "Routed" in transitions:
             status, reason, message = outcome.routed
             if status == "True":
-                await self.events.emit(tref, "Routed", message)
-                await on_cluster("Routed", message)
+                pending.append(functools.partial(self.events.emit, tref, "Routed", message))
+                on_cluster("Routed", message)
             elif transitions["Routed"][0] == "True" or reason not in ("NotVerified", "JobEnded"):
-                await self.events.emit(tref, reason, message, warning=reason != "JobEnded")
+                pending.append(
+                    functools.partial(
+                        self.events.emit, tref, reason, message, warning=reason != "JobEnded"
+                    )
+                )
                 if reason not in ("NotVerified", "JobEnded"):
-                    await on_cluster(reason, message, True)
+                    on_cluster(reason, message, True)
         job = outcome.job
         if "JobRunning" in transitions and job is not None and job.status == "False":
-            await self.events.emit(tref, job.reason, job.message, warning=True)
+            pending.append(
+                functools.partial(self.events.emit, tref, job.reason, job.message, warning=True)
+            )
             if verdict.ok:
-                await on_cluster(job.reason, f"{job.message}; the tunnel is closed", True)
+                on_cluster(job.reason, f"{job.message}; the tunnel is closed", True)
         for reason, message, warning in outcome.notes:
-            await on_cluster(reason, message, warning)
+            on_cluster(reason, message, warning)
+        async with anyio.create_task_group() as tg:
+            for call in pending:
+                tg.start_soon(call)
 
     async def _cluster_event(
         self, ns: str, cluster: str, reason: str, message: str, *, warning: bool = False
@@ -953,7 +1011,8 @@ class Reconciler:
                     cluster,
                     _request_timeout=self._timeout,
                 )
-            except ApiException:
+            except Exception as exc:  # best effort, like the Event itself
+                log.warning("DaskCluster not read for an Event", cluster=cluster, error=str(exc))
                 obj = None
         if obj is None:
             return

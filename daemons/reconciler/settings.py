@@ -70,7 +70,8 @@ class ReconcilerSettings:
     resync_interval: float = c.option(c.positive_float, 300.0)
     #: Server-side timeout of one watch request; the watch resumes from its resourceVersion.
     watch_timeout: float = c.option(c.positive_float, 290.0)
-    workers: int = c.option(c.positive_int, 4)
+    #: Reconciles run concurrently (never two of one Tunnel).
+    workers: int = c.option(c.positive_int, 8)
     lease_name: str = c.option(c.string, "jobtunnel-reconciler")
     lease_duration: float = c.option(c.positive_float, 15.0)
     lease_renew_deadline: float = c.option(c.positive_float, 10.0)

@@ -1,0 +1,1180 @@
+"""The reconciler against a real kube-apiserver (tests/kube.py), without the Dask operator.
+
+Objects are created the way the dask-kubernetes operator (2026.3.0) and the forwarder would
+create them; the real garbage collector and endpoints controller run. Nothing runs pods: the
+tests write pod status as InterLink's virtual kubelet would (``Ready`` only).
+
+Layout: the forwarder pod, its Tunnels and the DaskClusters share one namespace per test, because
+a Service can only select pods of its own namespace (see the reconciler's
+``ForwarderInOtherNamespace`` refusal). Users are told apart by the KubeSpawner label
+``hub.jupyter.org/username``; the namespace-pattern rule has a test of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import dask_kubernetes
+import pytest
+import yaml
+from kubernetes_asyncio import client, config
+from kubernetes_asyncio.client.exceptions import ApiException
+from prometheus_client import generate_latest
+
+from daemons.reconciler.controller import Reconciler
+from daemons.reconciler.kube import FORWARDER_POD_LABEL, ORIGINAL_ANNOTATION, call_json
+from daemons.reconciler.settings import ReconcilerSettings
+from tests.fakes.schedd import FakeSchedd
+from tests.kube import KubeAPIServer, kube_api  # noqa: F401
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parent.parent
+TUNNEL_CRD = REPO / "configs" / "kubernetes" / "crd-tunnels.yaml"
+DASK_CRDS = (
+    Path(dask_kubernetes.__file__).parent
+    / "operator"
+    / "deployment"
+    / "helm"
+    / "dask-kubernetes-operator"
+    / "crds"
+)
+VIRTUAL_NODE = "interlink-vk"
+USER_LABEL = "hub.jupyter.org/username"
+FORWARDER_IP = "10.244.1.10"
+G, V = "jobtunnel.io", "v1alpha1"
+DG, DV = "kubernetes.dask.org", "v1"
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+async def wait_for(
+    predicate: Callable[[], Awaitable[Any]], seconds: float = 30, what: str = "condition"
+) -> Any:
+    """Poll until ``predicate`` returns something truthy (returned); fail after ``seconds``."""
+    with anyio.move_on_after(seconds):
+        while True:
+            result = await predicate()
+            if result:
+                return result
+            await anyio.sleep(0.1)
+    pytest.fail(f"timed out after {seconds}s waiting for {what}")
+
+
+def apply_crds(kube: KubeAPIServer) -> None:
+    """Create the Tunnel and Dask CRDs (once per API server) and wait until established."""
+    docs = [yaml.safe_load(TUNNEL_CRD.read_text())]
+    docs += [yaml.safe_load(p.read_text()) for p in sorted(DASK_CRDS.glob("*.yaml"))]
+    base = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
+    for doc in docs:
+        status, body = kube.request("POST", base, doc)
+        if status not in (201, 409):
+            raise RuntimeError(f"CRD {doc['metadata']['name']}: {status} {body}")
+    deadline = time.monotonic() + 30
+    for doc in docs:
+        while True:
+            status, body = kube.request("GET", f"{base}/{doc['metadata']['name']}")
+            conds = (body or {}).get("status", {}).get("conditions", []) if status == 200 else []
+            if any(c["type"] == "Established" and c["status"] == "True" for c in conds):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"CRD {doc['metadata']['name']} not established")
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def crds(kube_api: KubeAPIServer) -> KubeAPIServer:  # noqa: F811
+    apply_crds(kube_api)
+    return kube_api
+
+
+async def admin_client(kube: KubeAPIServer) -> client.ApiClient:
+    configuration = client.Configuration()
+    await config.load_kube_config(
+        config_file=str(kube.kubeconfig), client_configuration=configuration
+    )
+    return client.ApiClient(configuration)
+
+
+@pytest.fixture
+async def api(crds: KubeAPIServer) -> AsyncIterator[client.ApiClient]:
+    async with await admin_client(crds) as api_client:
+        yield api_client
+
+
+@pytest.fixture
+async def namespace(api: client.ApiClient) -> AsyncIterator[str]:
+    name = f"jt-{uuid.uuid4().hex[:8]}"
+    core = client.CoreV1Api(api)
+    await core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    yield name
+    await core.delete_namespace(name)
+
+
+def settings_for(namespace: str, **overrides: Any) -> ReconcilerSettings:
+    values: dict[str, Any] = {
+        "namespace": namespace,
+        "virtual_node": VIRTUAL_NODE,
+        "user_namespace": namespace,  # everyone in one namespace: the label tells users apart
+        "user_label": USER_LABEL,
+        "resync_interval": 5.0,
+        "watch_timeout": 20.0,
+        "lease_duration": 3.0,
+        "lease_renew_deadline": 2.0,
+        "lease_retry_period": 0.3,
+        "job_poll_interval": 0.5,
+        "job_query_timeout": 5.0,
+        "request_timeout": 10.0,
+    }
+    values.update(overrides)
+    return ReconcilerSettings(**values)
+
+
+@contextlib.asynccontextmanager
+async def running(
+    settings: ReconcilerSettings, kube: KubeAPIServer, **kwargs: Any
+) -> AsyncIterator[Reconciler]:
+    """A Reconciler in this task's task group, with its own ApiClient; stopped on exit."""
+    async with await admin_client(kube) as api_client, anyio.create_task_group() as tg:
+        reconciler = Reconciler(settings, api=api_client, **kwargs)
+        with anyio.fail_after(30):
+            await tg.start(reconciler.run)
+        try:
+            yield reconciler
+        finally:
+            tg.cancel_scope.cancel()
+
+
+class World:
+    """Creates objects as the Dask operator, InterLink and the forwarder would."""
+
+    def __init__(self, api: client.ApiClient, namespace: str) -> None:
+        self.api = api
+        self.ns = namespace
+        self.core = client.CoreV1Api(api)
+        self.apps = client.AppsV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+
+    # Dask operator ----------------------------------------------------------------------
+
+    async def dask_cluster(
+        self, name: str, user: str, *, node: str = VIRTUAL_NODE
+    ) -> dict[str, Any]:
+        """DaskCluster + scheduler Service + scheduler pod + default worker group + 1 worker."""
+        container = {
+            "name": "worker",
+            "image": "ghcr.io/dask/dask:latest",
+            "args": ["dask", "worker"],
+        }
+        cluster = await call_json(
+            self.custom.create_namespaced_custom_object,
+            DG,
+            DV,
+            self.ns,
+            "daskclusters",
+            {
+                "apiVersion": f"{DG}/{DV}",
+                "kind": "DaskCluster",
+                "metadata": {"name": name, "labels": {USER_LABEL: user}},
+                "spec": {
+                    "worker": {"replicas": 1, "spec": {"containers": [container]}},
+                    "scheduler": {
+                        "spec": {
+                            "containers": [{"name": "scheduler", "image": "ghcr.io/dask/dask"}]
+                        },
+                        "service": {
+                            "type": "ClusterIP",
+                            "selector": {
+                                "dask.org/cluster-name": name,
+                                "dask.org/component": "scheduler",
+                            },
+                            "ports": [
+                                {
+                                    "name": "tcp-comm",
+                                    "protocol": "TCP",
+                                    "port": 8786,
+                                    "targetPort": "tcp-comm",
+                                },
+                                {
+                                    "name": "http-dashboard",
+                                    "protocol": "TCP",
+                                    "port": 8787,
+                                    "targetPort": "http-dashboard",
+                                },
+                            ],
+                        },
+                    },
+                },
+            },
+        )
+        owner = {
+            "apiVersion": f"{DG}/{DV}",
+            "kind": "DaskCluster",
+            "name": name,
+            "uid": cluster["metadata"]["uid"],
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+        labels = {
+            "dask.org/cluster-name": name,
+            "dask.org/component": "scheduler",
+            USER_LABEL: user,
+        }
+        await call_json(
+            self.core.create_namespaced_service,
+            self.ns,
+            {
+                "metadata": {
+                    "name": f"{name}-scheduler",
+                    "labels": labels,
+                    "ownerReferences": [owner],
+                },
+                "spec": cluster["spec"]["scheduler"]["service"],
+            },
+        )
+        await self.scheduler_pod(name, f"{name}-scheduler-{uuid.uuid4().hex[:5]}", user, node=node)
+        await call_json(
+            self.custom.create_namespaced_custom_object,
+            DG,
+            DV,
+            self.ns,
+            "daskworkergroups",
+            {
+                "apiVersion": f"{DG}/{DV}",
+                "kind": "DaskWorkerGroup",
+                "metadata": {
+                    "name": f"{name}-default",
+                    "labels": {"dask.org/cluster-name": name, "dask.org/component": "workergroup"},
+                    "ownerReferences": [owner],
+                },
+                "spec": {"cluster": name, "worker": cluster["spec"]["worker"]},
+            },
+        )
+        worker_labels = {
+            "dask.org/cluster-name": name,
+            "dask.org/workergroup-name": f"{name}-default",
+            "dask.org/component": "worker",
+        }
+        worker = dict(container)
+        worker["env"] = [
+            {"name": "DASK_WORKER_NAME", "value": f"{name}-default-worker-0"},
+            {
+                "name": "DASK_SCHEDULER_ADDRESS",
+                "value": f"tcp://{name}-scheduler.{self.ns}.svc.cluster.local:8786",
+            },
+        ]
+        await call_json(
+            self.apps.create_namespaced_deployment,
+            self.ns,
+            {
+                "metadata": {
+                    "name": f"{name}-default-worker-0",
+                    "labels": worker_labels,
+                    "ownerReferences": [owner],
+                },
+                "spec": {
+                    "replicas": 1,
+                    "selector": {"matchLabels": worker_labels},
+                    "template": {
+                        "metadata": {"labels": worker_labels},
+                        "spec": {"containers": [worker]},
+                    },
+                },
+            },
+        )
+        return cluster
+
+    async def scheduler_pod(
+        self,
+        cluster: str,
+        name: str,
+        user: str,
+        *,
+        node: str = VIRTUAL_NODE,
+        ip: str = "10.244.9.9",
+    ) -> dict[str, Any]:
+        labels = {
+            "dask.org/cluster-name": cluster,
+            "dask.org/component": "scheduler",
+            USER_LABEL: user,
+        }
+        pod = await call_json(
+            self.core.create_namespaced_pod,
+            self.ns,
+            {
+                "metadata": {"name": name, "labels": labels},
+                "spec": {
+                    "nodeName": node,
+                    "containers": [{"name": "scheduler", "image": "ghcr.io/dask/dask"}],
+                },
+            },
+        )
+        # What InterLink's virtual kubelet reports: Running and Ready, but no ContainersReady.
+        await call_json(
+            self.core.patch_namespaced_pod_status,
+            name,
+            self.ns,
+            {
+                "status": {
+                    "phase": "Running",
+                    "podIP": ip,
+                    "podIPs": [{"ip": ip}],
+                    "conditions": [{"type": "Ready", "status": "True"}],
+                }
+            },
+            _content_type="application/strategic-merge-patch+json",
+        )
+        return pod
+
+    # forwarder --------------------------------------------------------------------------
+
+    async def forwarder_pod(
+        self, name: str = "forwarder-0", ip: str = FORWARDER_IP
+    ) -> dict[str, Any]:
+        pod = await call_json(
+            self.core.create_namespaced_pod,
+            self.ns,
+            {
+                "metadata": {
+                    "name": name,
+                    "labels": {FORWARDER_POD_LABEL: name, "app": "jobtunnel"},
+                },
+                "spec": {
+                    "nodeName": "node-1",
+                    "containers": [{"name": "forwarder", "image": "jobtunnel/forwarder"}],
+                },
+            },
+        )
+        await call_json(
+            self.core.patch_namespaced_pod_status,
+            name,
+            self.ns,
+            {
+                "status": {
+                    "phase": "Running",
+                    "podIP": ip,
+                    "podIPs": [{"ip": ip}],
+                    "conditions": [
+                        {"type": "Ready", "status": "True"},
+                        {"type": "ContainersReady", "status": "True"},
+                    ],
+                }
+            },
+            _content_type="application/strategic-merge-patch+json",
+        )
+        return pod
+
+    async def tunnel(
+        self,
+        name: str,
+        user: str,
+        pod: dict[str, Any],
+        forwarder: dict[str, Any],
+        *,
+        ports: tuple[int, int] = (40001, 40002),
+        private_ip: str = "192.168.7.21",
+        job: str | None = None,
+        uid: str | None = None,
+    ) -> dict[str, Any]:
+        meta = pod["metadata"]
+        spec: dict[str, Any] = {
+            "sessionId": uuid.uuid4().hex,
+            "user": user,
+            "identity": f"pod:{meta['uid']}",
+            "mode": "agent",
+            "forwarder": {"podName": forwarder["metadata"]["name"], "podIP": FORWARDER_IP},
+            "pod": {
+                "namespace": meta["namespace"],
+                "name": meta["name"],
+                "uid": uid or meta["uid"],
+            },
+            "privateIP": private_ip,
+            "services": [
+                {"name": "scheduler", "port": ports[0], "remotePort": 8786},
+                {"name": "dashboard", "port": ports[1], "remotePort": 8787},
+            ],
+            "since": "2026-01-01T00:00:00Z",
+        }
+        if job is not None:
+            spec["job"] = {"globalJobId": job}
+        return await call_json(
+            self.custom.create_namespaced_custom_object,
+            G,
+            V,
+            self.ns,
+            "tunnels",
+            {
+                "apiVersion": f"{G}/{V}",
+                "kind": "Tunnel",
+                "metadata": {
+                    "name": name,
+                    "ownerReferences": [
+                        {
+                            "apiVersion": "v1",
+                            "kind": "Pod",
+                            "name": forwarder["metadata"]["name"],
+                            "uid": forwarder["metadata"]["uid"],
+                        }
+                    ],
+                },
+                "spec": spec,
+            },
+        )
+
+    # reads ------------------------------------------------------------------------------
+
+    async def service(self, cluster: str) -> dict[str, Any]:
+        return await call_json(self.core.read_namespaced_service, f"{cluster}-scheduler", self.ns)
+
+    async def get_tunnel(self, name: str) -> dict[str, Any] | None:
+        try:
+            return await call_json(
+                self.custom.get_namespaced_custom_object, G, V, self.ns, "tunnels", name
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def delete_tunnel(self, name: str) -> None:
+        await call_json(self.custom.delete_namespaced_custom_object, G, V, self.ns, "tunnels", name)
+
+    async def condition(self, tunnel: str, kind: str) -> dict[str, Any] | None:
+        obj = await self.get_tunnel(tunnel)
+        for cond in ((obj or {}).get("status") or {}).get("conditions") or []:
+            if cond["type"] == kind:
+                return dict(cond)
+        return None
+
+    async def worker_envs(self, cluster: str) -> tuple[str | None, str | None]:
+        """DASK_SCHEDULER_ADDRESS in the default worker group and in the existing Deployment."""
+        wg = await call_json(
+            self.custom.get_namespaced_custom_object,
+            DG,
+            DV,
+            self.ns,
+            "daskworkergroups",
+            f"{cluster}-default",
+        )
+        dep = await call_json(
+            self.apps.read_namespaced_deployment, f"{cluster}-default-worker-0", self.ns
+        )
+
+        def env(containers: list[dict[str, Any]]) -> str | None:
+            for item in containers[0].get("env") or []:
+                if item["name"] == "DASK_SCHEDULER_ADDRESS":
+                    return str(item.get("value"))
+            return None
+
+        return env(wg["spec"]["worker"]["spec"]["containers"]), env(
+            dep["spec"]["template"]["spec"]["containers"]
+        )
+
+    async def pod_conditions(self, name: str) -> dict[str, str]:
+        pod = await call_json(self.core.read_namespaced_pod, name, self.ns)
+        return {c["type"]: c["status"] for c in pod.get("status", {}).get("conditions") or []}
+
+    async def scheduler_pod_name(self, cluster: str) -> str:
+        pods = await call_json(
+            self.core.list_namespaced_pod,
+            self.ns,
+            label_selector=f"dask.org/cluster-name={cluster},dask.org/component=scheduler",
+        )
+        return str(pods["items"][0]["metadata"]["name"])
+
+    async def events_for(self, kind: str, name: str) -> list[dict[str, Any]]:
+        events = await call_json(self.core.list_namespaced_event, self.ns)
+        return [
+            e
+            for e in events.get("items") or []
+            if e["involvedObject"].get("kind") == kind and e["involvedObject"].get("name") == name
+        ]
+
+    async def reasons(self, kind: str, name: str) -> list[str]:
+        return [e["reason"] for e in await self.events_for(kind, name)]
+
+    async def endpoints(self, cluster: str) -> list[tuple[str, list[int]]]:
+        try:
+            ep = await call_json(
+                self.core.read_namespaced_endpoints, f"{cluster}-scheduler", self.ns
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return []
+            raise
+        out = []
+        for subset in ep.get("subsets") or []:
+            ports = sorted(p["port"] for p in subset.get("ports") or [])
+            for address in subset.get("addresses") or []:
+                out.append((address["ip"], ports))
+        return out
+
+
+def is_routed(service: dict[str, Any], forwarder: str, ports: tuple[int, int]) -> bool:
+    spec = service["spec"]
+    targets = sorted(p["targetPort"] for p in spec["ports"])
+    return spec.get("selector") == {FORWARDER_POD_LABEL: forwarder} and targets == sorted(ports)
+
+
+def original_spec(service: dict[str, Any]) -> tuple[Any, Any]:
+    return service["spec"].get("selector"), service["spec"]["ports"]
+
+
+@pytest.fixture
+def world(api: client.ApiClient, namespace: str) -> World:
+    return World(api, namespace)
+
+
+# -- tests ----------------------------------------------------------------------------------
+
+
+async def test_route_then_restore(world: World, crds: KubeAPIServer) -> None:
+    forwarder = await world.forwarder_pod()
+    await world.dask_cluster("alpha", "alice")
+    before = await world.service("alpha")
+    pod_name = await world.scheduler_pod_name("alpha")
+    pod = await call_json(world.core.read_namespaced_pod, pod_name, world.ns)
+    assert (await world.pod_conditions(pod_name)).get("ContainersReady") is None
+
+    async with running(settings_for(world.ns), crds) as reconciler:
+        await world.tunnel("alice-1", "alice", pod, forwarder)
+
+        async def routed() -> bool:
+            return is_routed(await world.service("alpha"), "forwarder-0", (40001, 40002))
+
+        await wait_for(routed, 30, "the Service to be routed")
+        service = await world.service("alpha")
+        saved = json.loads(service["metadata"]["annotations"][ORIGINAL_ANNOTATION])
+        assert saved == {"selector": before["spec"]["selector"], "ports": before["spec"]["ports"]}
+        by_port = {p["name"]: p["targetPort"] for p in service["spec"]["ports"]}
+        assert by_port == {"tcp-comm": 40001, "http-dashboard": 40002}
+
+        # The real endpoints controller follows the selector to the forwarder pod.
+        async def endpoints() -> bool:
+            return await world.endpoints("alpha") == [(FORWARDER_IP, [40001, 40002])]
+
+        await wait_for(endpoints, 30, "Endpoints with the forwarder pod IP and listener ports")
+
+        async def workers_set() -> bool:
+            return await world.worker_envs("alpha") == ("tcp://192.168.7.21:8786",) * 2
+
+        await wait_for(workers_set, 30, "DASK_SCHEDULER_ADDRESS on worker group and Deployment")
+
+        async def pod_ready() -> bool:
+            conds = await world.pod_conditions(pod_name)
+            return conds.get("ContainersReady") == "True" and conds.get("Ready") == "True"
+
+        await wait_for(pod_ready, 30, "ContainersReady on the scheduler pod")
+
+        async def conditions() -> bool:
+            verified = await world.condition("alice-1", "Verified")
+            routed = await world.condition("alice-1", "Routed")
+            return bool(verified and routed and verified["status"] == routed["status"] == "True")
+
+        await wait_for(conditions, 30, "Verified and Routed conditions")
+        tunnel = await world.get_tunnel("alice-1")
+        assert tunnel is not None
+        assert tunnel["status"]["cluster"] == "alpha"
+        assert tunnel["status"]["routedService"] == f"{world.ns}/alpha-scheduler"
+        job = await world.condition("alice-1", "JobRunning")
+        assert job is not None
+        assert (job["status"], job["reason"]) == ("Unknown", "JobChecksDisabled")
+
+        async def cluster_events() -> bool:
+            reasons = await world.reasons("DaskCluster", "alpha")
+            return {"Routed", "WorkersUpdated", "SchedulerReady"} <= set(reasons)
+
+        await wait_for(cluster_events, 30, "Events on the DaskCluster")
+        transition = (await world.condition("alice-1", "Routed") or {})["lastTransitionTime"]
+
+        # A reset of ContainersReady (as a virtual kubelet status update would do) is re-asserted.
+        await call_json(
+            world.core.patch_namespaced_pod_status,
+            pod_name,
+            world.ns,
+            {"status": {"conditions": [{"type": "ContainersReady", "status": "False"}]}},
+            _content_type="application/strategic-merge-patch+json",
+        )
+        await wait_for(pod_ready, 30, "ContainersReady re-asserted")
+
+        # No transition, no new Event and no new lastTransitionTime on resync.
+        routed_events = (await world.reasons("DaskCluster", "alpha")).count("Routed")
+        reconciler._enqueue_everything()
+        await wait_for(lambda: _queue_empty(reconciler), 10, "the queue to drain")
+        assert (await world.reasons("DaskCluster", "alpha")).count("Routed") == routed_events
+        assert (await world.condition("alice-1", "Routed") or {})[
+            "lastTransitionTime"
+        ] == transition
+
+        # Metrics.
+        text = generate_latest(reconciler.registry).decode()
+        for name in (
+            "jobtunnel_reconciler_reconcile_seconds_bucket",
+            "jobtunnel_reconciler_queue_depth",
+            "jobtunnel_reconciler_errors_total",
+            'jobtunnel_reconciler_tunnels{condition="Routed",status="True"}',
+            "jobtunnel_reconciler_leader 1.0",
+        ):
+            assert name in text, name
+        assert reconciler.ready_check() is None
+
+        # The Tunnel goes: everything comes back exactly.
+        await world.delete_tunnel("alice-1")
+
+        async def restored() -> bool:
+            service = await world.service("alpha")
+            return original_spec(service) == original_spec(before) and ORIGINAL_ANNOTATION not in (
+                service["metadata"].get("annotations") or {}
+            )
+
+        await wait_for(restored, 30, "the Service restored")
+        operator_default = f"tcp://alpha-scheduler.{world.ns}.svc.cluster.local:8786"
+
+        async def env_restored() -> bool:
+            return await world.worker_envs("alpha") == (None, operator_default)
+
+        await wait_for(env_restored, 30, "the worker env restored")
+
+        async def not_ready() -> bool:
+            return (await world.pod_conditions(pod_name)).get("ContainersReady") == "False"
+
+        await wait_for(not_ready, 30, "ContainersReady False")
+        await wait_for(
+            lambda: _has_reason(world, "DaskCluster", "alpha", "Unrouted"), 30, "Unrouted Event"
+        )
+
+
+async def _queue_empty(reconciler: Reconciler) -> bool:
+    return len(reconciler.queue) == 0 and not reconciler.queue._processing
+
+
+async def _has_reason(world: World, kind: str, name: str, reason: str) -> bool:
+    return reason in await world.reasons(kind, name)
+
+
+async def test_forged_claims_are_never_routed(world: World, crds: KubeAPIServer) -> None:
+    forwarder = await world.forwarder_pod()
+    await world.dask_cluster("bobs", "bob")
+    await world.dask_cluster("local", "mallory", node="node-1")  # not on the virtual node
+    before = {c: await world.service(c) for c in ("bobs", "local")}
+    bob_pod = await call_json(
+        world.core.read_namespaced_pod, await world.scheduler_pod_name("bobs"), world.ns
+    )
+    local_pod = await call_json(
+        world.core.read_namespaced_pod, await world.scheduler_pod_name("local"), world.ns
+    )
+    touched: list[str] = []
+
+    async with running(settings_for(world.ns), crds):
+        # Mallory claims Bob's pod; then her own pod with a wrong UID; then her pod off the node.
+        await world.tunnel("mallory-1", "mallory", bob_pod, forwarder)
+        await world.tunnel("bob-wrong-uid", "bob", bob_pod, forwarder, uid=str(uuid.uuid4()))
+        await world.tunnel("mallory-2", "mallory", local_pod, forwarder)
+        expected = {
+            "mallory-1": "WrongUser",
+            "bob-wrong-uid": "UIDMismatch",
+            "mallory-2": "NotOnVirtualNode",
+        }
+
+        async def all_refused() -> bool:
+            for cluster, original in before.items():
+                if original_spec(await world.service(cluster)) != original_spec(original):
+                    touched.append(cluster)
+            for name, reason in expected.items():
+                cond = await world.condition(name, "Verified")
+                if not cond or (cond["status"], cond["reason"]) != ("False", reason):
+                    return False
+                routed = await world.condition(name, "Routed")
+                if not routed or routed["status"] != "False":
+                    return False
+            return True
+
+        await wait_for(all_refused, 30, "all three claims refused")
+        assert touched == [], f"a forged claim changed a Service: {touched}"
+
+        async def events() -> bool:
+            refused = [("Refused" in await world.reasons("Tunnel", name)) for name in expected]
+            return all(refused) and "TunnelRefused" in await world.reasons("DaskCluster", "bobs")
+
+        await wait_for(events, 30, "Refused Events on the Tunnels and the DaskCluster")
+        for cluster, original in before.items():
+            assert original_spec(await world.service(cluster)) == original_spec(original)
+        assert (await world.worker_envs("bobs"))[0] is None
+        pod_name = bob_pod["metadata"]["name"]
+        assert (await world.pod_conditions(pod_name)).get("ContainersReady") is None
+
+
+async def test_namespace_rule(api: client.ApiClient, crds: KubeAPIServer) -> None:
+    """With the default kind of rule (``<prefix>-{user}``), another user's namespace is refused."""
+    prefix = f"jt-{uuid.uuid4().hex[:6]}"
+    core = client.CoreV1Api(api)
+    names = [prefix, f"{prefix}-alice"]
+    for name in names:
+        await core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    try:
+        tunnels = World(api, prefix)
+        alice = World(api, f"{prefix}-alice")
+        forwarder = await tunnels.forwarder_pod()
+        await alice.dask_cluster("ac", "alice")
+        pod = await call_json(
+            core.read_namespaced_pod, await alice.scheduler_pod_name("ac"), alice.ns
+        )
+        settings = settings_for(prefix, user_namespace=f"{prefix}-{{user}}", user_label="")
+        async with running(settings, crds):
+            await tunnels.tunnel("eve-1", "eve", pod, forwarder)
+            await tunnels.tunnel("alice-1", "alice", pod, forwarder)
+
+            async def judged() -> bool:
+                eve = await tunnels.condition("eve-1", "Verified")
+                own = await tunnels.condition("alice-1", "Routed")
+                return bool(
+                    eve and eve["reason"] == "WrongUser" and own and own["status"] == "False"
+                )
+
+            await wait_for(judged, 30, "eve refused, alice verified")
+            own = await tunnels.condition("alice-1", "Routed")
+            verified = await tunnels.condition("alice-1", "Verified")
+            assert verified is not None
+            assert verified["status"] == "True"
+            # Alice's claim is fine, but a Service cannot select a pod in another namespace.
+            assert own is not None
+            assert own["reason"] == "ForwarderInOtherNamespace"
+            assert "selector" in (await alice.service("ac"))["spec"]
+            assert (await alice.service("ac"))["spec"]["selector"][
+                "dask.org/component"
+            ] == "scheduler"
+    finally:
+        for name in names:
+            await core.delete_namespace(name)
+
+
+async def test_scheduler_pod_replaced(world: World, crds: KubeAPIServer) -> None:
+    forwarder = await world.forwarder_pod()
+    await world.dask_cluster("rep", "alice")
+    before = await world.service("rep")
+    old_name = await world.scheduler_pod_name("rep")
+    old = await call_json(world.core.read_namespaced_pod, old_name, world.ns)
+    async with running(settings_for(world.ns), crds):
+        await world.tunnel("alice-old", "alice", old, forwarder, ports=(40011, 40012))
+
+        async def routed_to(ports: tuple[int, int]) -> bool:
+            return is_routed(await world.service("rep"), "forwarder-0", ports)
+
+        await wait_for(lambda: routed_to((40011, 40012)), 30, "the old session routed")
+
+        # The job is lost; the Deployment makes a new pod (new name, new UID); its agent connects.
+        await call_json(
+            world.core.delete_namespaced_pod, old_name, world.ns, grace_period_seconds=0
+        )
+        new = await world.scheduler_pod("rep", "rep-scheduler-new", "alice")
+        await world.tunnel(
+            "alice-new", "alice", new, forwarder, ports=(40021, 40022), private_ip="192.168.7.99"
+        )
+
+        await wait_for(lambda: routed_to((40021, 40022)), 30, "the new session routed")
+
+        async def old_refused() -> bool:
+            cond = await world.condition("alice-old", "Verified")
+            return bool(cond and cond["reason"] == "PodNotFound")
+
+        await wait_for(old_refused, 30, "the old Tunnel refused")
+
+        async def new_ready() -> bool:
+            conds = await world.pod_conditions("rep-scheduler-new")
+            env = await world.worker_envs("rep")
+            return (
+                conds.get("ContainersReady") == "True" and env == ("tcp://192.168.7.99:8786",) * 2
+            )
+
+        await wait_for(new_ready, 30, "new pod ready and workers pointed at the new IP")
+        service = await world.service("rep")
+        routed_by = json.loads(service["metadata"]["annotations"]["jobtunnel.io/routed-by"])
+        assert routed_by["tunnel"] == f"{world.ns}/alice-new"
+        # The saved original is still the operator's, not the old session's routing.
+        saved = json.loads(service["metadata"]["annotations"][ORIGINAL_ANNOTATION])
+        assert saved["selector"] == before["spec"]["selector"]
+
+        await world.delete_tunnel("alice-new")
+        await world.delete_tunnel("alice-old")
+
+        async def restored() -> bool:
+            return original_spec(await world.service("rep")) == original_spec(before)
+
+        await wait_for(restored, 30, "the Service restored after both sessions")
+
+
+async def test_restarts_converge(world: World, crds: KubeAPIServer) -> None:
+    forwarder = await world.forwarder_pod()
+    for name in ("r1", "r2", "r3"):
+        await world.dask_cluster(name, "alice")
+    originals = {name: await world.service(name) for name in ("r1", "r2", "r3")}
+    pods = {
+        name: await call_json(
+            world.core.read_namespaced_pod, await world.scheduler_pod_name(name), world.ns
+        )
+        for name in ("r1", "r2", "r3")
+    }
+
+    async def routed(cluster: str) -> bool:
+        return is_routed(await world.service(cluster), "forwarder-0", (40001, 40002))
+
+    async def restored(cluster: str) -> bool:
+        return original_spec(await world.service(cluster)) == original_spec(originals[cluster])
+
+    settings = settings_for(world.ns)
+    async with running(settings, crds):
+        await world.tunnel("t1", "alice", pods["r1"], forwarder)
+        await wait_for(lambda: routed("r1"), 30, "r1 routed")
+
+    # Reconciler down: one session ends, another starts. Nobody watches.
+    await world.delete_tunnel("t1")
+    await world.tunnel("t2", "alice", pods["r2"], forwarder)
+    assert await routed("r1")  # nothing restored it yet
+
+    async with running(settings, crds):
+        await wait_for(lambda: restored("r1"), 30, "r1 restored by the new reconciler")
+        await wait_for(lambda: routed("r2"), 30, "r2 routed by the new reconciler")
+        await wait_for(
+            lambda: _worker_env_is(
+                world, "r1", (None, f"tcp://r1-scheduler.{world.ns}.svc.cluster.local:8786")
+            ),
+            30,
+            "r1 workers restored",
+        )
+
+        # The API server restarts while a session starts and another ends.
+        await world.tunnel("t3", "alice", pods["r3"], forwarder)
+        await anyio.to_thread.run_sync(crds.restart_apiserver)
+        await world.delete_tunnel("t2")
+        await wait_for(lambda: routed("r3"), 60, "r3 routed across the API server restart")
+        await wait_for(lambda: restored("r2"), 60, "r2 restored across the API server restart")
+        await world.delete_tunnel("t3")
+        await wait_for(lambda: restored("r3"), 30, "r3 restored")
+
+
+async def _worker_env_is(world: World, cluster: str, wanted: tuple[str | None, str | None]) -> bool:
+    return await world.worker_envs(cluster) == wanted
+
+
+async def test_forwarder_pod_deleted_garbage_collects_tunnels(
+    world: World, crds: KubeAPIServer
+) -> None:
+    forwarder = await world.forwarder_pod()
+    clusters = ("g1", "g2")
+    originals = {}
+    async with running(settings_for(world.ns), crds):
+        for i, name in enumerate(clusters):
+            await world.dask_cluster(name, "alice")
+            originals[name] = await world.service(name)
+            pod = await call_json(
+                world.core.read_namespaced_pod, await world.scheduler_pod_name(name), world.ns
+            )
+            await world.tunnel(f"t{i}", "alice", pod, forwarder)
+        for name in clusters:
+            await wait_for(lambda name=name: _routed(world, name), 30, f"{name} routed")
+        await call_json(
+            world.core.delete_namespaced_pod, "forwarder-0", world.ns, grace_period_seconds=0
+        )
+
+        async def all_restored() -> bool:
+            gone = all([await world.get_tunnel(f"t{i}") is None for i in range(len(clusters))])
+            same = all(
+                [
+                    original_spec(await world.service(c)) == original_spec(originals[c])
+                    for c in clusters
+                ]
+            )
+            return gone and same
+
+        await wait_for(all_restored, 60, "Tunnels garbage-collected and Services restored")
+
+
+async def _routed(world: World, cluster: str) -> bool:
+    return is_routed(await world.service(cluster), "forwarder-0", (40001, 40002))
+
+
+async def test_job_held_ends_the_session(world: World, crds: KubeAPIServer, tmp_path: Path) -> None:
+    schedd = FakeSchedd(tmp_path / "schedd", "schedd.example.org")
+    forwarder = await world.forwarder_pod()
+    await world.dask_cluster("held", "alice")
+    await world.dask_cluster("blip", "alice")
+    original = await world.service("held")
+    gids = {"held": schedd.gid(), "blip": schedd.gid()}
+    for gid in gids.values():
+        schedd.put_job(gid, 2)
+    async with running(settings_for(world.ns), crds, schedd_factory=lambda _name: schedd):
+        for name in ("held", "blip"):
+            pod = await call_json(
+                world.core.read_namespaced_pod, await world.scheduler_pod_name(name), world.ns
+            )
+            await world.tunnel(f"t-{name}", "alice", pod, forwarder, job=gids[name])
+
+        async def running_job(name: str) -> bool:
+            cond = await world.condition(f"t-{name}", "JobRunning")
+            return bool(cond and cond["status"] == "True") and await _routed(world, name)
+
+        for name in ("held", "blip"):
+            await wait_for(lambda name=name: running_job(name), 30, f"{name}: JobRunning True")
+
+        hold = "Error from slot1@worker: Job has gone over memory limit of 2048 megabytes."
+        schedd.set_status(gids["held"], 5, HoldReason=hold, HoldReasonCode=34)
+
+        async def ended() -> bool:
+            gone = await world.get_tunnel("t-held") is None
+            same = original_spec(await world.service("held")) == original_spec(original)
+            return gone and same
+
+        await wait_for(ended, 30, "held job: Tunnel deleted and Service restored")
+
+        async def hold_event() -> bool:
+            events = await world.events_for("DaskCluster", "held")
+            return any(e["reason"] == "JobHeld" and hold in e["message"] for e in events)
+
+        await wait_for(hold_event, 30, "an Event carrying the HoldReason")
+
+        # The schedd becomes unreachable: nothing changes, the condition says Unknown.
+        schedd.unreachable = True
+
+        async def unknown() -> bool:
+            cond = await world.condition("t-blip", "JobRunning")
+            return bool(
+                cond and cond["status"] == "Unknown" and cond["reason"] == "ScheddUnreachable"
+            )
+
+        await wait_for(unknown, 30, "JobRunning Unknown")
+        polls = len(schedd.query_calls)
+        await wait_for(lambda: _more_polls(schedd, polls + 2), 30, "more polls while unreachable")
+        assert await _routed(world, "blip")
+        assert await world.get_tunnel("t-blip") is not None
+
+
+async def _more_polls(schedd: FakeSchedd, n: int) -> bool:
+    return len(schedd.query_calls) >= n
+
+
+async def start_reconciler(
+    tg: anyio.abc.TaskGroup, settings: ReconcilerSettings, kube: KubeAPIServer, **kwargs: Any
+) -> tuple[Reconciler, anyio.CancelScope]:
+    """A Reconciler in a task of ``tg``; cancel the returned scope to stop just this one."""
+
+    async def body(*, task_status: anyio.abc.TaskStatus[Any]) -> None:
+        with anyio.CancelScope() as scope:
+            async with await admin_client(kube) as api_client, anyio.create_task_group() as inner:
+                reconciler = Reconciler(settings, api=api_client, **kwargs)
+                await inner.start(reconciler.run)
+                task_status.started((reconciler, scope))
+
+    with anyio.fail_after(30):
+        result: tuple[Reconciler, anyio.CancelScope] = await tg.start(body)
+    return result
+
+
+async def test_two_replicas_one_leader(world: World, crds: KubeAPIServer) -> None:
+    forwarder = await world.forwarder_pod()
+    await world.dask_cluster("l1", "alice")
+    await world.dask_cluster("l2", "alice")
+    pods = {
+        n: await call_json(
+            world.core.read_namespaced_pod, await world.scheduler_pod_name(n), world.ns
+        )
+        for n in ("l1", "l2")
+    }
+    settings = settings_for(world.ns)
+    async with anyio.create_task_group() as tg:
+        a, stop_a = await start_reconciler(tg, settings, crds, identity="replica-a")
+        await wait_for(lambda: _is_leader(a), 30, "replica-a leads")
+        b, stop_b = await start_reconciler(tg, settings, crds, identity="replica-b")
+        await world.tunnel("t1", "alice", pods["l1"], forwarder)
+        await wait_for(lambda: _routed(world, "l1"), 30, "l1 routed")
+        assert a.reconciles > 0
+        assert b.reconciles == 0
+        assert not b.leader.leading
+        assert b.ready_check() is None  # a standby is ready too
+        lease_api = client.CoordinationV1Api(world.api)
+        lease = await call_json(lease_api.read_namespaced_lease, settings.lease_name, world.ns)
+        assert lease["spec"]["holderIdentity"] == "replica-a"
+
+        # The leader stops: it releases the Lease and the standby takes over.
+        stop_a.cancel()
+        await wait_for(lambda: _is_leader(b), 30, "replica-b takes over")
+        assert not a.leader.leading
+        await world.tunnel("t2", "alice", pods["l2"], forwarder)
+        await wait_for(lambda: _routed(world, "l2"), 30, "l2 routed by the new leader")
+        assert b.reconciles > 0
+        stop_b.cancel()
+
+
+async def _is_leader(reconciler: Reconciler) -> bool:
+    return reconciler.leader.leading
+
+
+# -- latency ----------------------------------------------------------------------------------
+
+
+async def measure_latency(
+    world: World, kube: KubeAPIServer, n: int = 50, *, burst: bool = True
+) -> list[float]:
+    """Seconds from each Tunnel's creation to its Service being routed, for ``n`` clusters.
+
+    The clusters exist before the reconciler starts (not measured). ``burst``: all Tunnels are
+    created back to back (a forwarder restart reconnecting everyone); otherwise one at a time,
+    each waited for (an idle reconciler). Routed Services are observed by listing them all every
+    20 ms, which bounds the measurement's resolution.
+    """
+    forwarder = await world.forwarder_pod()
+    pods = {}
+    for i in range(n):
+        await world.dask_cluster(f"c{i:03d}", "alice")
+        pods[i] = await call_json(
+            world.core.read_namespaced_pod, await world.scheduler_pod_name(f"c{i:03d}"), world.ns
+        )
+    created: dict[str, float] = {}
+    routed_at: dict[str, float] = {}
+
+    async def observe() -> None:
+        while len(routed_at) < n:
+            services = await call_json(world.core.list_namespaced_service, world.ns)
+            now = time.perf_counter()
+            for svc in services.get("items") or []:
+                cluster = svc["metadata"]["name"].removesuffix("-scheduler")
+                if cluster in created and cluster not in routed_at:
+                    sel = svc["spec"].get("selector") or {}
+                    if sel.get(FORWARDER_POD_LABEL) == "forwarder-0":
+                        routed_at[cluster] = now
+            await anyio.sleep(0.02)
+
+    async with running(settings_for(world.ns), kube):
+        with anyio.fail_after(120):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(observe)
+                for i in range(n):
+                    cluster = f"c{i:03d}"
+                    created[cluster] = time.perf_counter()
+                    await world.tunnel(f"t{i:03d}", "alice", pods[i], forwarder)
+                    if not burst:
+                        await wait_for(
+                            lambda c=cluster: _seen(routed_at, c), 30, f"{cluster} routed"
+                        )
+    return sorted(routed_at[c] - created[c] for c in created)
+
+
+async def _seen(routed_at: dict[str, float], cluster: str) -> bool:
+    return cluster in routed_at
+
+
+def summary(latencies: list[float]) -> str:
+    ms = [x * 1000 for x in latencies]
+    p50 = ms[len(ms) // 2] if len(ms) % 2 else (ms[len(ms) // 2 - 1] + ms[len(ms) // 2]) / 2
+    p90 = ms[min(len(ms) - 1, int(len(ms) * 0.9))]
+    return f"n={len(ms)} p50={p50:.0f} ms p90={p90:.0f} ms max={max(ms):.0f} ms"
+
+
+@pytest.mark.parametrize("burst", [False, True], ids=["one-at-a-time", "burst"])
+async def test_latency_50_tunnels(
+    world: World, crds: KubeAPIServer, burst: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    latencies = await measure_latency(world, crds, 50, burst=burst)
+    assert len(latencies) == 50
+    with capsys.disabled():
+        mode = "burst" if burst else "one at a time"
+        print(f"\nTunnel created -> Service routed ({mode}): {summary(latencies)}")
+    assert max(latencies) < 30
+
+
+# -- RBAC -------------------------------------------------------------------------------------
+
+
+def apply_reconciler_rbac(kube: KubeAPIServer, namespace: str) -> Path:
+    """Apply configs/kubernetes/rbac-reconciler.yaml in ``namespace``; a kubeconfig for its SA.
+
+    Cluster-scoped names get the namespace as suffix so tests do not collide.
+    """
+    docs = list(yaml.safe_load_all((REPO / "configs/kubernetes/rbac-reconciler.yaml").read_text()))
+    paths = {
+        "ServiceAccount": f"/api/v1/namespaces/{namespace}/serviceaccounts",
+        "ClusterRole": "/apis/rbac.authorization.k8s.io/v1/clusterroles",
+        "ClusterRoleBinding": "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
+        "Role": f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/roles",
+        "RoleBinding": f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/rolebindings",
+    }
+    for doc in docs:
+        text = json.dumps(doc).replace('"namespace": "jobtunnel"', f'"namespace": "{namespace}"')
+        obj = json.loads(text)
+        if obj["kind"].startswith("Cluster"):
+            obj["metadata"]["name"] = f"jobtunnel-reconciler-{namespace}"
+            if obj["kind"] == "ClusterRoleBinding":
+                obj["roleRef"]["name"] = f"jobtunnel-reconciler-{namespace}"
+        status, body = kube.request("POST", paths[obj["kind"]], obj)
+        if status not in (201, 409):
+            raise RuntimeError(f"{obj['kind']}: {status} {body}")
+    token = kube.service_account_token(namespace, "jobtunnel-reconciler")
+    return kube.write_kubeconfig(
+        kube.directory / f"{namespace}-reconciler.kubeconfig", token, user="reconciler"
+    )
+
+
+def delete_reconciler_rbac(kube: KubeAPIServer, namespace: str) -> None:
+    name = f"jobtunnel-reconciler-{namespace}"
+    kube.request("DELETE", f"/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/{name}")
+    kube.request("DELETE", f"/apis/rbac.authorization.k8s.io/v1/clusterroles/{name}")
+
+
+async def test_least_privilege_rbac_is_enough(
+    world: World, crds: KubeAPIServer, tmp_path: Path
+) -> None:
+    """The reconciler does its whole job as the service account of rbac-reconciler.yaml."""
+    kubeconfig = await anyio.to_thread.run_sync(apply_reconciler_rbac, crds, world.ns)
+    schedd = FakeSchedd(tmp_path / "schedd", "schedd.example.org")
+    gid = schedd.gid()
+    schedd.put_job(gid, 2)
+    try:
+        forwarder = await world.forwarder_pod()
+        await world.dask_cluster("rb", "alice")
+        before = await world.service("rb")
+        pod = await call_json(
+            world.core.read_namespaced_pod, await world.scheduler_pod_name("rb"), world.ns
+        )
+        configuration = client.Configuration()
+        await config.load_kube_config(
+            config_file=str(kubeconfig), client_configuration=configuration
+        )
+        async with client.ApiClient(configuration) as sa_api, anyio.create_task_group() as tg:
+            reconciler = Reconciler(
+                settings_for(world.ns), api=sa_api, schedd_factory=lambda _n: schedd
+            )
+            with anyio.fail_after(30):
+                await tg.start(reconciler.run)
+            await world.tunnel("rb-1", "alice", pod, forwarder, job=gid)
+
+            async def everything() -> bool:
+                conds = await world.pod_conditions(pod["metadata"]["name"])
+                job = await world.condition("rb-1", "JobRunning")
+                return (
+                    await _routed(world, "rb")
+                    and await world.worker_envs("rb") == ("tcp://192.168.7.21:8786",) * 2
+                    and conds.get("ContainersReady") == "True"
+                    and bool(job and job["status"] == "True")
+                    and "Routed" in await world.reasons("DaskCluster", "rb")
+                )
+
+            await wait_for(everything, 30, "routing, workers, readiness, job, Events as the SA")
+            schedd.set_status(gid, 3, RemoveReason="via condor_rm (by user alice)")
+
+            async def ended() -> bool:
+                gone = await world.get_tunnel("rb-1") is None
+                return gone and original_spec(await world.service("rb")) == original_spec(before)
+
+            await wait_for(ended, 30, "removed job: Tunnel deleted, Service restored as the SA")
+            assert reconciler.metrics.errors.labels(kind="api")._value.get() == 0
+            tg.cancel_scope.cancel()
+    finally:
+        await anyio.to_thread.run_sync(delete_reconciler_rbac, crds, world.ns)
