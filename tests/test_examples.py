@@ -18,8 +18,14 @@ def test_forwarder_example_loads() -> None:
     assert settings.allowed_services == ("scheduler", "dashboard")
 
 
-def test_agent_example_loads() -> None:
-    settings = config.load(AgentSettings, config_file=CONFIGS / "agent.toml", environ={})
+def test_agent_example_loads(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("a-token-from-the-job-wrapper\n")
+    settings = config.load(
+        AgentSettings,
+        config_file=CONFIGS / "agent.toml",
+        environ={"JOBTUNNEL_TOKEN_FILE": str(token)},
+    )
     settings.check()
     assert settings.services == (("scheduler", 8786), ("dashboard", 8787))
     assert settings.host_key_fingerprint is not None

@@ -22,8 +22,9 @@ from daemons.agent import identity as job_identity
 from daemons.agent.session import AgentIdentity, AgentSession
 from daemons.agent.settings import AgentSettings
 from daemons.agent.supervisor import FORWARDED_SIGNALS, Child, child_environment
-from shared import config, logs
+from shared import logs
 from shared import protocol as p
+from shared.daemon import load_settings
 from shared.metrics import new_registry, serve_http
 
 log = logs.get_logger("jobtunnel.agent")
@@ -161,16 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--config", type=Path, help="TOML file; environment variables override it")
     args = parser.parse_args(args_in)
-    try:
-        settings = config.load(AgentSettings, config_file=args.config)
-        settings.check()
-        settings.read_token()
-    except config.ConfigError as exc:
-        print(f"jobtunnel-agent: configuration error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    logs.configure(level=settings.log_level)
-    for name in config.unknown_environment(AgentSettings, os.environ):
-        log.warning("unknown environment variable ignored", name=name)
+    settings = load_settings("jobtunnel-agent", AgentSettings, args.config)
     sys.exit(anyio.run(serve, settings, command, backend="asyncio"))
 
 

@@ -36,6 +36,7 @@ class AgentSettings:
     log_level: str = c.option(c.choice("debug", "info", "warning", "error"), "info")
 
     def check(self) -> None:
+        """Cross-field rules; also reads the token once so a bad file stops the start."""
         if self.token is None and self.token_file is None:
             raise c.ConfigError(
                 "JUPYTERHUB_API_TOKEN or JOBTUNNEL_TOKEN_FILE (token_file) must be set"
@@ -65,6 +66,7 @@ class AgentSettings:
                 "JOBTUNNEL_POD_NAMESPACE, JOBTUNNEL_POD_NAME and JOBTUNNEL_POD_UID "
                 "must be set together (a pod claim needs all three)"
             )
+        self.read_token()
 
     def read_token(self) -> c.Secret:
         """The token, from the environment or the first non-comment line of the file."""

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import os
-import signal
 import sys
 from pathlib import Path
 
@@ -17,7 +15,7 @@ from daemons.forwarder.metrics import ForwarderMetrics
 from daemons.forwarder.server import Forwarder
 from daemons.forwarder.sessions import MemoryPublisher, Publisher
 from daemons.forwarder.settings import ForwarderSettings
-from shared import config, hostkeys, logs
+from shared import hostkeys, logs
 from shared.auth import (
     Authenticator,
     FailureLimiter,
@@ -26,6 +24,7 @@ from shared.auth import (
     TokenVerifier,
 )
 from shared.config import HostPort
+from shared.daemon import load_settings, stop_requested
 from shared.metrics import new_registry, serve_http
 
 log = logs.get_logger("jobtunnel.forwarder")
@@ -124,19 +123,16 @@ async def serve(settings: ForwarderSettings) -> int:
             serve_forwarder_http(forwarder, registry) as http,
             anyio.create_task_group() as tg,
         ):
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                ssh = await tg.start(forwarder.run)
-                log.info(
-                    "ready",
-                    ssh=str(ssh),
-                    http=str(http),
-                    host_key_fingerprint=hostkeys.fingerprint(forwarder.host_key),
-                    auth=settings.auth,
-                    publish=settings.publish,
-                )
-                async for signum in signals:
-                    log.info("stopping", signal=signal.Signals(signum).name)
-                    break
+            ssh = await tg.start(forwarder.run)
+            log.info(
+                "ready",
+                ssh=str(ssh),
+                http=str(http),
+                host_key_fingerprint=hostkeys.fingerprint(forwarder.host_key),
+                auth=settings.auth,
+                publish=settings.publish,
+            )
+            await stop_requested(log)
             with anyio.move_on_after(settings.drain_timeout + 5):
                 await forwarder.drain()
             tg.cancel_scope.cancel()
@@ -156,15 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--config", type=Path, help="TOML file; JOBTUNNEL_* variables override it")
     args = parser.parse_args(argv)
-    try:
-        settings = config.load(ForwarderSettings, config_file=args.config)
-        settings.check()
-    except config.ConfigError as exc:
-        print(f"jobtunnel-forwarder: configuration error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    logs.configure(level=settings.log_level)
-    for name in config.unknown_environment(ForwarderSettings, os.environ):
-        log.warning("unknown environment variable ignored", name=name)
+    settings = load_settings("jobtunnel-forwarder", ForwarderSettings, args.config)
     sys.exit(anyio.run(serve, settings, backend="asyncio"))
 
 

@@ -7,8 +7,6 @@ run in-process with their own ApiClient and a fake schedd.
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +18,8 @@ from kubernetes_asyncio import config as kube_config
 from daemons.reconciler.controller import Reconciler
 from daemons.reconciler.jobs import ScheddLike, htcondor_schedd_factory
 from daemons.reconciler.settings import ReconcilerSettings
-from shared import config, logs
+from shared import logs
+from shared.daemon import load_settings, stop_requested
 from shared.metrics import new_registry, serve_http
 
 log = logs.get_logger("jobtunnel.reconciler")
@@ -62,18 +61,15 @@ async def serve(settings: ReconcilerSettings) -> int:
             ) as http,
             anyio.create_task_group() as tg,
         ):
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                tg.start_soon(reconciler.run)
-                log.info(
-                    "started",
-                    http=str(http),
-                    identity=reconciler.identity,
-                    namespace=settings.namespace,
-                    job_checks=settings.htcondor_collector is not None,
-                )
-                async for signum in signals:
-                    log.info("stopping", signal=signal.Signals(signum).name)
-                    break
+            tg.start_soon(reconciler.run)
+            log.info(
+                "started",
+                http=str(http),
+                identity=reconciler.identity,
+                namespace=settings.namespace,
+                job_checks=settings.htcondor_collector is not None,
+            )
+            await stop_requested(log)
             # Cancelling releases the Lease (shielded, bounded) so a standby takes over at once.
             tg.cancel_scope.cancel()
     log.info("stopped")
@@ -87,15 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--config", type=Path, help="TOML file; environment variables override it")
     args = parser.parse_args(argv)
-    try:
-        settings = config.load(ReconcilerSettings, config_file=args.config)
-        settings.check()
-    except config.ConfigError as exc:
-        print(f"jobtunnel-reconciler: configuration error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    logs.configure(level=settings.log_level)
-    for name in config.unknown_environment(ReconcilerSettings, os.environ):
-        log.warning("unknown environment variable ignored", name=name)
+    settings = load_settings("jobtunnel-reconciler", ReconcilerSettings, args.config)
     sys.exit(anyio.run(serve, settings, backend="asyncio"))
 
 
