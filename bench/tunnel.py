@@ -547,11 +547,10 @@ def start_jobtunnel(procs: Procs, work: Path, service_port: int) -> Path_:
     host, _, port = listed[0]["services"]["scheduler"].rpartition(":")
     assert host == LOOPBACK, host
     procs.wait_for("the tunnel listener", lambda: accepts(int(port)))
-    # The daemons set no algorithm preferences: asyncssh's defaults decide (the
-    # "asyncssh default" pair below reports what those negotiate).
+    # The agent (the SSH client, whose order decides) prefers shared.hostkeys.CIPHERS.
     return Path_(
         "jobtunnel",
-        "asyncssh default",
+        hostkeys.CIPHERS[0],
         int(port),
         [procs.procs[n].pid for n in ("forwarder", "agent")],
     )
