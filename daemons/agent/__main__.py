@@ -117,6 +117,11 @@ async def serve(settings: AgentSettings, command: list[str]) -> int:
 
             async def relay_signals() -> None:
                 async for signum in signals:
+                    log.info(
+                        "signal",
+                        signal=signal.Signals(signum).name,
+                        child=child.pid if child else None,
+                    )
                     if signum in STOP_SIGNALS:
                         # Unpublish first: clients must not be sent to a dying scheduler.
                         tg.start_soon(session.bye, f"agent got {signal.Signals(signum).name}")
