@@ -1,7 +1,10 @@
 """The reconciler against a real kube-apiserver (tests/kube.py), without the Dask operator.
 
 Objects are created the way the dask-kubernetes operator (2026.3.0) and the forwarder would
-create them; the real garbage collector and endpoints controller run. Nothing runs pods: the
+create them; the real garbage collector, endpoints, Deployment and ReplicaSet controllers run.
+The scheduler pod is made by kube-controller-manager from the scheduler Deployment (owned by
+the DaskCluster), so it has the owner chain the reconciler checks (``require_owner_chain``);
+pods made by hand stand for forged claims. Nothing runs pods: the
 tests write pod status as InterLink's virtual kubelet would (``Ready`` only).
 
 Layout: the forwarder pod, its Tunnels and the DaskClusters share one namespace per test, because
@@ -167,9 +170,12 @@ class World:
     # Dask operator ----------------------------------------------------------------------
 
     async def dask_cluster(
-        self, name: str, user: str, *, node: str = VIRTUAL_NODE
+        self, name: str, user: str, *, node: str = VIRTUAL_NODE, run: bool = True
     ) -> dict[str, Any]:
-        """DaskCluster + scheduler Service + scheduler pod + default worker group + 1 worker."""
+        """DaskCluster + scheduler Service + scheduler Deployment (and, by kube-controller-manager,
+        its ReplicaSet and pod: the owner chain the reconciler checks) + default worker group +
+        1 worker Deployment. ``run``: also "run" the scheduler pod on ``node``
+        (:meth:`run_scheduler`)."""
         container = {
             "name": "worker",
             "image": "ghcr.io/dask/dask:latest",
@@ -241,7 +247,7 @@ class World:
                 "spec": cluster["spec"]["scheduler"]["service"],
             },
         )
-        await self.scheduler_pod(name, f"{name}-scheduler-{uuid.uuid4().hex[:5]}", user, node=node)
+        await self.scheduler_deployment(name, user, owner)
         await call_json(
             self.custom.create_namespaced_custom_object,
             DG,
@@ -291,33 +297,83 @@ class World:
                 },
             },
         )
+        if run:
+            await self.run_scheduler(name, node=node)
         return cluster
 
-    async def scheduler_pod(
-        self,
-        cluster: str,
-        name: str,
-        user: str,
-        *,
-        node: str = VIRTUAL_NODE,
-        ip: str = "10.244.9.9",
-    ) -> dict[str, Any]:
+    async def scheduler_deployment(self, cluster: str, user: str, owner: dict[str, Any]) -> None:
+        """The scheduler Deployment as the operator makes it (``kopf.adopt``: controller owner
+        the DaskCluster; labels of the DaskCluster plus the operator's own)."""
         labels = {
             "dask.org/cluster-name": cluster,
             "dask.org/component": "scheduler",
+            "sidecar.istio.io/inject": "false",
             USER_LABEL: user,
         }
-        pod = await call_json(
-            self.core.create_namespaced_pod,
+        metadata = {"name": f"{cluster}-scheduler", "labels": labels}
+        await call_json(
+            self.apps.create_namespaced_deployment,
             self.ns,
             {
-                "metadata": {"name": name, "labels": labels},
+                "metadata": {**metadata, "ownerReferences": [owner]},
                 "spec": {
-                    "nodeName": node,
-                    "containers": [{"name": "scheduler", "image": "ghcr.io/dask/dask"}],
+                    "replicas": 1,
+                    "selector": {"matchLabels": labels},
+                    "template": {
+                        "metadata": metadata,
+                        "spec": {
+                            "containers": [{"name": "scheduler", "image": "ghcr.io/dask/dask"}]
+                        },
+                    },
                 },
             },
         )
+
+    async def run_scheduler(
+        self,
+        cluster: str,
+        *,
+        node: str = VIRTUAL_NODE,
+        ip: str = "10.244.9.9",
+        not_uid: str | None = None,
+    ) -> dict[str, Any]:
+        """Do what kube-scheduler and InterLink's virtual kubelet do for the scheduler pod that
+        kube-controller-manager made (``not_uid``: a replacement of that pod): bind it to
+        ``node``, then Running and Ready, but no ContainersReady. Returns the pod."""
+
+        async def made() -> dict[str, Any] | None:
+            pods = await call_json(
+                self.core.list_namespaced_pod,
+                self.ns,
+                label_selector=f"dask.org/cluster-name={cluster},dask.org/component=scheduler",
+            )
+            for pod in pods.get("items") or []:
+                meta = pod["metadata"]
+                refs = meta.get("ownerReferences") or []
+                if (
+                    meta["uid"] != not_uid
+                    and not meta.get("deletionTimestamp")
+                    and any(r.get("kind") == "ReplicaSet" and r.get("controller") for r in refs)
+                ):
+                    return dict(pod)
+            return None
+
+        pod = await wait_for(made, 60, f"kube-controller-manager to create {cluster}'s pod")
+        name = pod["metadata"]["name"]
+        if not (pod.get("spec") or {}).get("nodeName"):
+            await call_json(
+                self.core.create_namespaced_pod_binding,
+                name,
+                self.ns,
+                {
+                    "metadata": {"name": name},
+                    "target": {"apiVersion": "v1", "kind": "Node", "name": node},
+                },
+            )
+        await self._virtual_kubelet_status(name, ip)
+        return await call_json(self.core.read_namespaced_pod, name, self.ns)
+
+    async def _virtual_kubelet_status(self, name: str, ip: str) -> None:
         # What InterLink's virtual kubelet reports: Running and Ready, but no ContainersReady.
         await call_json(
             self.core.patch_namespaced_pod_status,
@@ -333,7 +389,39 @@ class World:
             },
             _content_type="application/strategic-merge-patch+json",
         )
-        return pod
+
+    async def forged_pod(
+        self,
+        cluster: str,
+        name: str,
+        user: str,
+        *,
+        node: str = VIRTUAL_NODE,
+        ip: str = "10.244.9.9",
+        owners: list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        """A pod made by hand (not by the cluster's Deployment) with a scheduler's labels."""
+        labels = {
+            "dask.org/cluster-name": cluster,
+            "dask.org/component": "scheduler",
+            USER_LABEL: user,
+        }
+        meta: dict[str, Any] = {"name": name, "labels": labels}
+        if owners:
+            meta["ownerReferences"] = owners
+        await call_json(
+            self.core.create_namespaced_pod,
+            self.ns,
+            {
+                "metadata": meta,
+                "spec": {
+                    "nodeName": node,
+                    "containers": [{"name": "scheduler", "image": "ghcr.io/dask/dask"}],
+                },
+            },
+        )
+        await self._virtual_kubelet_status(name, ip)
+        return await call_json(self.core.read_namespaced_pod, name, self.ns)
 
     # forwarder --------------------------------------------------------------------------
 
@@ -489,7 +577,12 @@ class World:
             self.ns,
             label_selector=f"dask.org/cluster-name={cluster},dask.org/component=scheduler",
         )
-        return str(pods["items"][0]["metadata"]["name"])
+        for pod in pods["items"]:  # the Deployment's pod, not a forged one
+            meta = pod["metadata"]
+            refs = meta.get("ownerReferences") or []
+            if not meta.get("deletionTimestamp") and any(r["kind"] == "ReplicaSet" for r in refs):
+                return str(meta["name"])
+        raise AssertionError(f"no scheduler pod of cluster {cluster}")
 
     async def events_for(self, kind: str, name: str) -> list[dict[str, Any]]:
         events = await call_json(self.core.list_namespaced_event, self.ns)
@@ -713,6 +806,98 @@ async def test_forged_claims_are_never_routed(world: World, crds: KubeAPIServer)
         assert (await world.pod_conditions(pod_name)).get("ContainersReady") is None
 
 
+async def test_forged_owner_chain_is_never_routed(world: World, crds: KubeAPIServer) -> None:
+    """Right labels, right node, own user label: not the cluster's pod, so never routed.
+
+    In a namespace shared by users, labels prove nothing: only the owner chain pod ->
+    ReplicaSet -> Deployment <cluster>-scheduler -> DaskCluster <cluster> (UIDs checked) and the
+    user named by the Deployment's pod template and the DaskCluster do.
+    """
+    forwarder = await world.forwarder_pod()
+    await world.dask_cluster("bobs", "bob")
+    await world.dask_cluster("mine", "mallory")
+    before = await world.service("bobs")
+    bob_pod = await call_json(
+        world.core.read_namespaced_pod, await world.scheduler_pod_name("bobs"), world.ns
+    )
+    mine_pod = await call_json(
+        world.core.read_namespaced_pod, await world.scheduler_pod_name("mine"), world.ns
+    )
+
+    def controller(obj: dict[str, Any]) -> dict[str, Any]:
+        (ref,) = [r for r in obj["metadata"]["ownerReferences"] if r.get("controller")]
+        return dict(ref)
+
+    # Bare pod; pod with a forged controller reference to Bob's ReplicaSet (the ReplicaSet
+    # controller may release it, since its labels do not match: either way it is refused);
+    # pod with a reference to Mallory's own ReplicaSet, i.e. another cluster's Deployment.
+    bare = await world.forged_pod("bobs", "forged-bare", "mallory")
+    to_bob_rs = await world.forged_pod(
+        "bobs", "forged-bob-rs", "mallory", owners=[controller(bob_pod)]
+    )
+    to_own_rs = await world.forged_pod(
+        "bobs", "forged-own-rs", "mallory", owners=[controller(mine_pod)]
+    )
+    expected = {
+        "m-bare": (bare, {"NotOwnedByCluster"}),
+        "m-bob-rs": (to_bob_rs, {"NotOwnedByCluster", "WrongUser"}),
+        "m-own-rs": (to_own_rs, {"NotOwnedByCluster"}),
+    }
+    touched: list[str] = []
+    async with running(settings_for(world.ns), crds):
+        for i, (name, (pod, _)) in enumerate(expected.items()):
+            await world.tunnel(
+                name, "mallory", pod, forwarder, ports=(40101 + 2 * i, 40102 + 2 * i)
+            )
+        # Mallory's own, genuine pod is routed, by the same reconciler (the check is not
+        # refusing everything).
+        await world.tunnel("m-own", "mallory", mine_pod, forwarder)
+
+        async def judged() -> bool:
+            if original_spec(await world.service("bobs")) != original_spec(before):
+                touched.append("bobs")
+            for name, (_, reasons) in expected.items():
+                cond = await world.condition(name, "Verified")
+                if not cond or cond["status"] != "False" or cond["reason"] not in reasons:
+                    return False
+            return await _routed(world, "mine")
+
+        await wait_for(judged, 30, "the forged claims refused, the genuine one routed")
+        bare_cond = await world.condition("m-bare", "Verified")
+        assert bare_cond is not None
+        assert "not controlled by a live ReplicaSet" in bare_cond["message"]
+
+        async def events() -> bool:
+            refused = [("Refused" in await world.reasons("Tunnel", n)) for n in expected]
+            return all(refused) and "TunnelRefused" in await world.reasons("DaskCluster", "bobs")
+
+        await wait_for(events, 30, "Refused Events on the Tunnels and Bob's DaskCluster")
+        assert touched == [], "a forged claim changed Bob's Service"
+        assert original_spec(await world.service("bobs")) == original_spec(before)
+        assert (await world.worker_envs("bobs"))[0] is None
+        assert (await world.pod_conditions(bob_pod["metadata"]["name"])).get(
+            "ContainersReady"
+        ) is None
+
+    # The setting turns the check off (for namespaces where users cannot create pods): the
+    # bare pod then passes verification, which is exactly the hole the check closes.
+    await world.delete_tunnel("m-bob-rs")
+    await world.delete_tunnel("m-own-rs")
+    async with running(settings_for(world.ns, require_owner_chain=False), crds):
+
+        async def accepted() -> bool:
+            cond = await world.condition("m-bare", "Verified")
+            return bool(cond and cond["status"] == "True")
+
+        await wait_for(accepted, 30, "the bare pod verified with require_owner_chain off")
+        await world.delete_tunnel("m-bare")
+        await wait_for(lambda: _service_is(world, "bobs", before), 30, "Bob's Service restored")
+
+
+async def _service_is(world: World, cluster: str, before: dict[str, Any]) -> bool:
+    return original_spec(await world.service(cluster)) == original_spec(before)
+
+
 async def test_namespace_rule(api: client.ApiClient, crds: KubeAPIServer) -> None:
     """With the default kind of rule (``<prefix>-{user}``), another user's namespace is refused."""
     prefix = f"jt-{uuid.uuid4().hex[:6]}"
@@ -775,7 +960,9 @@ async def test_scheduler_pod_replaced(world: World, crds: KubeAPIServer) -> None
         await call_json(
             world.core.delete_namespaced_pod, old_name, world.ns, grace_period_seconds=0
         )
-        new = await world.scheduler_pod("rep", "rep-scheduler-new", "alice")
+        new = await world.run_scheduler("rep", not_uid=old["metadata"]["uid"])
+        new_name = new["metadata"]["name"]
+        assert new_name != old_name
         await world.tunnel(
             "alice-new", "alice", new, forwarder, ports=(40021, 40022), private_ip="192.168.7.99"
         )
@@ -789,7 +976,7 @@ async def test_scheduler_pod_replaced(world: World, crds: KubeAPIServer) -> None
         await wait_for(old_refused, 30, "the old Tunnel refused")
 
         async def new_ready() -> bool:
-            conds = await world.pod_conditions("rep-scheduler-new")
+            conds = await world.pod_conditions(new_name)
             env = await world.worker_envs("rep")
             return (
                 conds.get("ContainersReady") == "True" and env == ("tcp://192.168.7.99:8786",) * 2
@@ -995,7 +1182,8 @@ async def test_two_replicas_one_leader(world: World, crds: KubeAPIServer) -> Non
         b, stop_b = await start_reconciler(tg, settings, crds, identity="replica-b")
         await world.tunnel("t1", "alice", pods["l1"], forwarder)
         await wait_for(lambda: _routed(world, "l1"), 30, "l1 routed")
-        assert a.reconciles > 0
+        # The Service is patched mid-reconcile; the count goes up when that reconcile returns.
+        await wait_for(lambda: _has_reconciled(a), 30, "replica-a's reconcile to finish")
         assert b.reconciles == 0
         assert not b.leader.leading
         assert b.ready_check() is None  # a standby is ready too
@@ -1009,8 +1197,12 @@ async def test_two_replicas_one_leader(world: World, crds: KubeAPIServer) -> Non
         assert not a.leader.leading
         await world.tunnel("t2", "alice", pods["l2"], forwarder)
         await wait_for(lambda: _routed(world, "l2"), 30, "l2 routed by the new leader")
-        assert b.reconciles > 0
+        await wait_for(lambda: _has_reconciled(b), 30, "replica-b's reconcile to finish")
         stop_b.cancel()
+
+
+async def _has_reconciled(reconciler: Reconciler) -> bool:
+    return reconciler.reconciles > 0
 
 
 async def _is_leader(reconciler: Reconciler) -> bool:
@@ -1033,10 +1225,9 @@ async def measure_latency(
     forwarder = await world.forwarder_pod()
     pods = {}
     for i in range(n):
-        await world.dask_cluster(f"c{i:03d}", "alice")
-        pods[i] = await call_json(
-            world.core.read_namespaced_pod, await world.scheduler_pod_name(f"c{i:03d}"), world.ns
-        )
+        await world.dask_cluster(f"c{i:03d}", "alice", run=False)
+    for i in range(n):
+        pods[i] = await world.run_scheduler(f"c{i:03d}")
     created: dict[str, float] = {}
     routed_at: dict[str, float] = {}
 

@@ -13,7 +13,8 @@ restores whatever still carries that key.
 One reconcile of key ``ns/name``:
 
 1. read the Tunnel; gone (or deleting): restore what carries the key, done;
-2. verify the claims (:mod:`.verify`); refused: restore, condition Verified=False, Events;
+2. verify the claims (:mod:`.verify`, the owner chain included); refused: restore, condition
+   Verified=False, Events;
 3. job state (:mod:`.jobstep`); ended: restore, Events with the reason, delete the Tunnel;
 4. route the ``<cluster>-scheduler`` Service (:mod:`.route`), the worker groups and worker
    Deployments (:mod:`.workers`), the scheduler pod's readiness (:mod:`.readiness`);
@@ -68,7 +69,17 @@ from daemons.reconciler.leader import LeaderElector
 from daemons.reconciler.metrics import CONDITIONS, ReconcilerMetrics
 from daemons.reconciler.queue import WorkQueue
 from daemons.reconciler.settings import ReconcilerSettings
-from daemons.reconciler.verify import NodeRules, UserRules, Verdict, claimed_pod, verify
+from daemons.reconciler.verify import (
+    NodeRules,
+    OwnerChain,
+    UserRules,
+    Verdict,
+    claimed_pod,
+    replica_set_name,
+    scheduler_deployment_name,
+    verify,
+    verify_owner_chain,
+)
 from daemons.reconciler.watch import Informer
 
 log = structlog.get_logger(__name__)
@@ -470,7 +481,49 @@ class Reconciler:
             node = await get_or_none(
                 self._core.read_node, node_name, _request_timeout=self._timeout
             )
-        return verify(tunnel, pod, node, self.users, self.nodes), pod
+        verdict = verify(tunnel, pod, node, self.users, self.nodes)
+        if verdict.ok and self.settings.require_owner_chain:
+            assert pod is not None
+            assert verdict.cluster is not None
+            chain = await self._owner_chain(pod, verdict.cluster)
+            verdict = verify_owner_chain(tunnel, pod, chain, self.users)
+        return verdict, pod
+
+    async def _owner_chain(self, pod: Obj, cluster: str) -> OwnerChain:
+        """Read the ReplicaSet, Deployment and DaskCluster the pod's chain should lead to.
+
+        Fresh reads (not the watch caches): this decides whether traffic may be routed.
+        """
+        ns = str((pod.get("metadata") or {}).get("namespace"))
+        rs_name = replica_set_name(pod)
+        found: dict[str, Obj | None] = {"rs": None, "deployment": None, "cluster": None}
+
+        async def read(what: str, call: Callable[..., Awaitable[Any]], *args: Any) -> None:
+            found[what] = await get_or_none(call, *args, _request_timeout=self._timeout)
+
+        async with anyio.create_task_group() as tg:
+            if rs_name is not None:
+                tg.start_soon(read, "rs", self._apps.read_namespaced_replica_set, rs_name, ns)
+            tg.start_soon(
+                read,
+                "deployment",
+                self._apps.read_namespaced_deployment,
+                scheduler_deployment_name(cluster),
+                ns,
+            )
+            tg.start_soon(
+                functools.partial(
+                    read,
+                    "cluster",
+                    self._custom.get_namespaced_custom_object,
+                    DASK_GROUP,
+                    DASK_VERSION,
+                    ns,
+                    "daskclusters",
+                    cluster,
+                )
+            )
+        return OwnerChain(found["rs"], found["deployment"], found["cluster"])
 
     async def _route(self, key: str, tunnel: Obj, pod: Obj, cluster: str, outcome: Outcome) -> None:
         spec = tunnel.get("spec") or {}

@@ -66,6 +66,11 @@ class ReconcilerSettings:
     user_annotation: str = c.option(c.string, "")
     #: How {user} is escaped: KubeSpawner >= 7 "safe" slugs, or the legacy "escape" scheme.
     user_slug_scheme: str = c.option(c.choice("safe", "escape"), "safe")
+    #: Accept only a pod the Dask operator made for its cluster: pod -> ReplicaSet -> Deployment
+    #: ``<cluster>-scheduler`` -> DaskCluster ``<cluster>`` (controller owner references, UIDs
+    #: checked), and the user rule applied to the Deployment's pod template and the DaskCluster.
+    #: Needs ``get`` on replicasets. Turn off only where users cannot create pods.
+    require_owner_chain: bool = c.option(c.boolean, True)
     #: Full re-enqueue of every Tunnel plus the orphan sweep, in seconds.
     resync_interval: float = c.option(c.positive_float, 300.0)
     #: Server-side timeout of one watch request; the watch resumes from its resourceVersion.

@@ -11,7 +11,27 @@ A claim is accepted only when the pod
   the user;
 * is bound to the InterLink virtual node (by node name and/or node labels);
 * is a Dask scheduler pod: it carries ``dask.org/cluster-name`` (which cluster to route) and
-  ``dask.org/component=scheduler`` (so a worker pod cannot steal its cluster's Service).
+  ``dask.org/component=scheduler`` (so a worker pod cannot steal its cluster's Service);
+* (``require_owner_chain``, on by default) is the pod the Dask operator made for that cluster:
+  see :func:`verify_owner_chain`.
+
+Why the owner chain: labels are whatever the pod's creator wrote. In a namespace shared by
+several users (Zero-to-JupyterHub's default), anyone allowed to create pods could create one on
+the virtual node carrying *another* cluster's ``dask.org/cluster-name`` and their own user
+label, claim it, and have the victim's Service routed to their own job. The pod the operator
+made is instead controlled (``ownerReferences``, ``controller: true``) by a ReplicaSet, which is
+controlled by the Deployment ``<cluster>-scheduler``, which the operator creates with
+``kopf.adopt`` and so is controlled by the DaskCluster ``<cluster>`` (kind ``DaskCluster``,
+``kubernetes.dask.org/v1``): every link is checked by name *and* UID against the live objects.
+The user rule is then also applied to the objects a pod creator cannot write: the Deployment's
+pod template (the operator copies the DaskCluster's labels and annotations into it) must name
+the user, and so must the DaskCluster itself when it carries the label/annotation.
+
+Limit (documented): ``ownerReferences`` are not authenticated by Kubernetes; a pod creator can
+write a reference to someone else's ReplicaSet. Such a pod still fails the user check against
+the victim's Deployment template / DaskCluster, which only the operator (and whoever may patch
+DaskClusters or Deployments) writes, so the check holds as long as users cannot patch each
+other's DaskClusters or Deployments.
 
 User name escaping (documented choice): KubeSpawner >= 7 defaults to the "safe" slug scheme:
 a name that is already a valid DNS label (lowercase letters, digits, '-', starts with a letter,
@@ -27,7 +47,15 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-from daemons.reconciler.kube import CLUSTER_LABEL, COMPONENT_LABEL, Obj, annotations_of, labels_of
+from daemons.reconciler.kube import (
+    CLUSTER_LABEL,
+    COMPONENT_LABEL,
+    DASK_GROUP,
+    DASK_VERSION,
+    Obj,
+    annotations_of,
+    labels_of,
+)
 
 _VALID_OBJECT = re.compile(r"[a-z][a-z0-9-]{0,62}")
 _NON_ALNUM = re.compile(r"[^a-z0-9]+")
@@ -185,3 +213,139 @@ def verify(
             cluster,
         )
     return Verdict(True, "ClaimsVerified", f"pod {ns}/{name} (uid {uid}) of user {user}", cluster)
+
+
+# -- the owner chain: pod <- ReplicaSet <- Deployment <cluster>-scheduler <- DaskCluster --------
+
+
+@dataclass(frozen=True)
+class OwnerChain:
+    """The live objects the claimed pod's owner references lead to (None: absent/not read)."""
+
+    replica_set: Obj | None
+    deployment: Obj | None
+    cluster: Obj | None
+
+
+def controller_ref(obj: Obj | None) -> Obj | None:
+    """The owner reference with ``controller: true`` (there is at most one), else None."""
+    for ref in ((obj or {}).get("metadata") or {}).get("ownerReferences") or []:
+        if isinstance(ref, dict) and ref.get("controller") is True:
+            return ref
+    return None
+
+
+def scheduler_deployment_name(cluster: str) -> str:
+    return f"{cluster}-scheduler"
+
+
+def replica_set_name(pod: Obj) -> str | None:
+    """The name of the ReplicaSet controlling ``pod`` (what to read), else None."""
+    ref = controller_ref(pod)
+    if ref is None or ref.get("kind") != "ReplicaSet" or ref.get("apiVersion") != "apps/v1":
+        return None
+    name = ref.get("name")
+    return name if isinstance(name, str) and name else None
+
+
+def _describe(ref: Obj | None) -> str:
+    if ref is None:
+        return "no controller"
+    return f"controller {ref.get('kind')} {ref.get('name')!r} ({ref.get('apiVersion')})"
+
+
+def _links_to(ref: Obj | None, kind: str, api_version: str, name: str, obj: Obj | None) -> bool:
+    """``ref`` names ``kind``/``name`` and ``obj`` is that object, with the referenced UID."""
+    if ref is None or obj is None:
+        return False
+    meta = obj.get("metadata") or {}
+    return bool(
+        ref.get("kind") == kind
+        and ref.get("apiVersion") == api_version
+        and ref.get("name") == name
+        and meta.get("name") == name
+        and ref.get("uid")
+        and meta.get("uid") == ref.get("uid")
+    )
+
+
+def verify_owner_chain(tunnel: Obj, pod: Obj, chain: OwnerChain, users: UserRules) -> Verdict:
+    """Judge that ``pod`` (already verified by :func:`verify`) is its cluster's scheduler pod.
+
+    Pure like :func:`verify`: the caller reads the ReplicaSet named by the pod's controller
+    reference, the Deployment ``<cluster>-scheduler`` and the DaskCluster ``<cluster>``.
+    """
+    user = str((tunnel.get("spec") or {}).get("user"))
+    meta = pod.get("metadata") or {}
+    ns, name = meta.get("namespace"), meta.get("name")
+    cluster = labels_of(pod).get(CLUSTER_LABEL) or ""
+    deployment_name = scheduler_deployment_name(cluster)
+
+    def refuse(message: str) -> Verdict:
+        return Verdict.refuse("NotOwnedByCluster", message, cluster)
+
+    pod_ref = controller_ref(pod)
+    rs_name = replica_set_name(pod)
+    if rs_name is None or not _links_to(
+        pod_ref, "ReplicaSet", "apps/v1", rs_name, chain.replica_set
+    ):
+        return refuse(
+            f"pod {ns}/{name} is not controlled by a live ReplicaSet of Deployment "
+            f"{deployment_name} ({_describe(pod_ref)})"
+        )
+    rs_ref = controller_ref(chain.replica_set)
+    if not _links_to(rs_ref, "Deployment", "apps/v1", deployment_name, chain.deployment):
+        return refuse(
+            f"pod {ns}/{name}: ReplicaSet {rs_name} is not controlled by Deployment "
+            f"{deployment_name} ({_describe(rs_ref)})"
+        )
+    assert chain.deployment is not None
+    dep_ref = controller_ref(chain.deployment)
+    dask_api = f"{DASK_GROUP}/{DASK_VERSION}"
+    if not _links_to(dep_ref, "DaskCluster", dask_api, cluster, chain.cluster):
+        return refuse(
+            f"pod {ns}/{name}: Deployment {deployment_name} is not controlled by DaskCluster "
+            f"{cluster} ({_describe(dep_ref)})"
+        )
+    dep_labels = labels_of(chain.deployment)
+    if dep_labels.get(CLUSTER_LABEL) != cluster or dep_labels.get(COMPONENT_LABEL) != "scheduler":
+        return refuse(
+            f"pod {ns}/{name}: Deployment {deployment_name} is not the scheduler Deployment of "
+            f"cluster {cluster}"
+        )
+    assert chain.cluster is not None
+    template = ((chain.deployment.get("spec") or {}).get("template") or {}).get("metadata") or {}
+    rules = (
+        ("label", users.label, template.get("labels"), labels_of(chain.cluster)),
+        (
+            "annotation",
+            users.annotation,
+            template.get("annotations"),
+            annotations_of(chain.cluster),
+        ),
+    )
+    for kind, key, on_template, on_cluster in rules:
+        if not key:
+            continue
+        named = (on_template or {}).get(key)
+        if named != user:
+            return Verdict.refuse(
+                "WrongUser",
+                f"pod {ns}/{name}: the pod template of Deployment {deployment_name} has "
+                f"{kind} {key}={named!r}, not user {user}",
+                cluster,
+            )
+        if key in on_cluster and on_cluster[key] != user:
+            return Verdict.refuse(
+                "WrongUser",
+                f"pod {ns}/{name}: DaskCluster {cluster} has {kind} {key}="
+                f"{on_cluster[key]!r}, not user {user}",
+                cluster,
+            )
+    return Verdict(
+        True,
+        "ClaimsVerified",
+        f"pod {ns}/{name} (uid {meta.get('uid')}) of user {user}, "
+        f"made by DaskCluster {cluster} through Deployment {deployment_name}",
+        cluster,
+    )
