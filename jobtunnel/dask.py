@@ -59,6 +59,9 @@ DEFAULT_TOKEN_SECRET = "jobtunnel-token"  # noqa: S105  (names, not secrets)
 TOKEN_KEY = "token"  # noqa: S105  (names, not secrets)
 TOKEN_MOUNT_PATH = "/var/run/jobtunnel"  # noqa: S105  (names, not secrets)
 TOKEN_VOLUME = "jobtunnel-token"  # noqa: S105  (names, not secrets)
+#: Where KubeSpawner and the reconciler look for the hub user name.
+USER_KEY = "hub.jupyter.org/username"
+
 #: Read-only for the file's owner: in the HTCondor job, the job's user.
 TOKEN_FILE_MODE = 0o400
 #: A pod's own namespace, as Kubernetes mounts it with the service account token.
@@ -142,6 +145,13 @@ def offloaded_cluster_spec(
         idle_timeout=idle_timeout,
         jupyter=jupyter,
     )
+    # The operator copies the DaskCluster's labels and annotations onto its pods: the
+    # reconciler checks them (and the scheduler Deployment's template) against the
+    # authenticated user. Label values can't hold every hub name; annotations can.
+    metadata = spec.setdefault("metadata", {})
+    metadata.setdefault("annotations", {})[USER_KEY] = user
+    if re.fullmatch(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?", user):
+        metadata.setdefault("labels", {})[USER_KEY] = user
     for part in ("scheduler", "worker"):
         for container in spec["spec"][part]["spec"]["containers"]:
             for item in container.get("env") or []:

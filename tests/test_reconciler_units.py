@@ -243,3 +243,11 @@ async def test_work_queue_deduplicates_and_defers_while_processing() -> None:
     assert await queue.get(wait=1) == "a"
     with anyio.fail_after(2):
         assert await queue.get(wait=0.05) is None
+
+
+def test_user_label_accepts_the_name_or_kubespawners_slug() -> None:
+    rules = UserRules(label="hub.jupyter.org/username")
+    assert rules.label_names("alice", "alice")
+    assert rules.label_names(safe_slug("Alice@Example.org"), "Alice@Example.org")
+    assert not rules.label_names("bob", "alice")
+    assert not rules.label_names(None, "alice")

@@ -115,6 +115,12 @@ def test_everything_else_is_what_kubecluster_sends() -> None:
     container.pop("command")
     container.pop("volumeMounts")
     container["env"] = [e for e in container["env"] if not e["name"].startswith("JOBTUNNEL_")]
+    metadata = undone["metadata"]
+    user_key = jd.USER_KEY
+    assert metadata["labels"].pop(user_key) == metadata["annotations"].pop(user_key) == "alice"
+    for key in ("labels", "annotations"):
+        if not metadata[key]:
+            del metadata[key]
     assert undone == stock
     # The user's env reaches scheduler and workers, as with KubeCluster.
     assert env_map(scheduler_container(ours))["EXTRA_PIP_PACKAGES"] == "xarray"
@@ -513,3 +519,11 @@ def test_ensure_token_secret_with_the_documented_rbac(
     assert status == 201
     with pytest.raises(PermissionError, match="patch Secret"):
         jd.ensure_token_secret(ns, "other", token="y", kubeconfig=kubeconfig)
+
+
+def test_user_named_for_the_reconciler_label_only_when_valid() -> None:
+    plain = spec()
+    assert plain["metadata"]["labels"][jd.USER_KEY] == "alice"
+    odd = spec(user="alice@example.org")
+    assert odd["metadata"]["annotations"][jd.USER_KEY] == "alice@example.org"
+    assert jd.USER_KEY not in odd["metadata"].get("labels", {})

@@ -99,6 +99,10 @@ class UserRules:
     annotation: str = ""
     slug_scheme: str = "safe"
 
+    def label_names(self, value: object, user: str) -> bool:
+        """Label values can't hold every hub name ('a@b.org'): KubeSpawner writes the slug."""
+        return value in (user, user_slug(user, self.slug_scheme))
+
     def expected_namespace(self, user: str) -> str | None:
         if not self.namespace_pattern:
             return None
@@ -173,7 +177,7 @@ def verify(
             f"pod {ns}/{name} is not in user {user}'s namespace {expected_ns}",
             cluster,
         )
-    if users.label and pod_labels.get(users.label) != user:
+    if users.label and not users.label_names(pod_labels.get(users.label), user):
         return Verdict.refuse(
             "WrongUser",
             f"pod {ns}/{name} label {users.label}={pod_labels.get(users.label)!r} "
@@ -328,14 +332,15 @@ def verify_owner_chain(tunnel: Obj, pod: Obj, chain: OwnerChain, users: UserRule
         if not key:
             continue
         named = (on_template or {}).get(key)
-        if named != user:
+        matches = users.label_names if kind == "label" else (lambda v, u: v == u)
+        if not matches(named, user):
             return Verdict.refuse(
                 "WrongUser",
                 f"pod {ns}/{name}: the pod template of Deployment {deployment_name} has "
                 f"{kind} {key}={named!r}, not user {user}",
                 cluster,
             )
-        if key in on_cluster and on_cluster[key] != user:
+        if key in on_cluster and not matches(on_cluster[key], user):
             return Verdict.refuse(
                 "WrongUser",
                 f"pod {ns}/{name}: DaskCluster {cluster} has {kind} {key}="
