@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -110,6 +111,12 @@ class RunningForwarder:
         return self.forwarder.tunnels()
 
 
+def _port_range() -> config.PortRange:
+    """A random block of 100 listener ports, so concurrent test runs rarely share one."""
+    low = 30000 + 100 * random.randrange(27)  # below the ephemeral range (32768+)
+    return config.PortRange(low, low + 99)
+
+
 def forwarder_settings(tmp: Path, **overrides: Any) -> ForwarderSettings:
     base: dict[str, Any] = {
         "listen": HostPort("127.0.0.1", 0),
@@ -117,7 +124,7 @@ def forwarder_settings(tmp: Path, **overrides: Any) -> ForwarderSettings:
         "host_key": tmp / "host_key",
         "auth": "token-file",
         "token_file": tmp / "tokens",
-        "port_range": config.PortRange(42000, 42999),
+        "port_range": _port_range(),
         "service_host": "127.0.0.1",
         "heartbeat_interval": 1.0,
         "login_timeout": 10.0,

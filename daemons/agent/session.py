@@ -84,17 +84,31 @@ class _HostKeyCheck(asyncssh.SSHClient):
         return False
 
 
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
+
+
 async def _unwrapped(attempt: Awaitable[None]) -> None:
-    """Re-raise a task group's single failure as itself, so ``except`` clauses can see it."""
+    """Re-raise a task group's failure as one exception, so ``except`` clauses can see it.
+
+    A connection ending often fails two tasks at once (the reader sees the close, the
+    heartbeat its aftermath): the forwarder's word (drain, fatal error) explains it best.
+    """
     try:
         await attempt
     except BaseExceptionGroup as group:
-        leaf: BaseException = group
-        while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
-            leaf = leaf.exceptions[0]
-        if leaf is group:
+        leaves = _leaves(group)
+        if not all(isinstance(leaf, Exception) for leaf in leaves):
             raise
-        raise leaf from None
+        explained = [leaf for leaf in leaves if isinstance(leaf, _Drained | _Fatal)]
+        raise (explained or leaves)[0] from None
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def probe(host: str, port: int, limit: float = 1.0) -> bool:
@@ -278,9 +292,14 @@ class AgentSession:
             )
             welcome = await self._await_welcome(reader)
             self.state.session_id = welcome.session_id
+            bound: dict[str, int] = {}
             for name in services:
-                await self._forward(conn, name, ports[name])
-            self.state.addresses = {a.name: f"{a.host}:{a.port}" for a in welcome.services}
+                bound[name] = await self._forward(conn, name, ports[name])
+            # The welcome's ports are the plan; a port someone else held was replaced by
+            # another when binding, and the forward's reply says which.
+            self.state.addresses = {
+                a.name: _address(a.host, bound.get(a.name, a.port)) for a in welcome.services
+            }
             self._send(p.Ready(services=tuple(services)))
             self.state.published = True
             log.info(
@@ -309,7 +328,8 @@ class AgentSession:
                     if isinstance(message, p.Error):
                         raise _Fatal(f"{message.code}: {message.message}", message.code)
 
-    async def _forward(self, conn: asyncssh.SSHClientConnection, name: str, port: int) -> None:
+    async def _forward(self, conn: asyncssh.SSHClientConnection, name: str, port: int) -> int:
+        """Ask for the service's forward; returns the port the forwarder really bound."""
         host = self.settings.service_host
 
         def session_factory(orig_host: str, orig_port: int) -> Awaitable[Any]:
@@ -318,9 +338,12 @@ class AgentSession:
             return conn.forward_connection(host, port)
 
         try:
-            await conn.create_server(session_factory, name, 0, window=hostkeys.FORWARD_WINDOW)
+            listener = await conn.create_server(
+                session_factory, name, 0, window=hostkeys.FORWARD_WINDOW
+            )
         except asyncssh.ChannelListenError as exc:
             raise _Fatal(f"forwarder refused the {name!r} forward: {exc}") from None
+        return int(listener.get_port())
 
     async def _heartbeats(self, interval: float) -> None:
         while True:
@@ -362,8 +385,13 @@ class AgentSession:
                     log.warning("forwarder error", code=message.code, message=message.message)
 
     def _send(self, message: p.Message) -> None:
-        if self._writer is not None and self._conversation is not None:
-            self._writer.write(self._conversation.send(message))
+        conversation = self._conversation
+        # Once either side closed the conversation (bye, fatal error), nothing more is sent.
+        if self._writer is None or conversation is None:
+            return
+        if conversation.state is p.ConversationState.CLOSED:
+            return
+        self._writer.write(conversation.send(message))
 
     def _reset(self) -> None:
         self._conn = None

@@ -275,6 +275,7 @@ class _Connection(asyncssh.SSHServer):
         self.control: _ControlSession | None = None
         self.conversation = p.Conversation(p.Role.FORWARDER)
         self.reserved: dict[str, int] = {}
+        self.busy: list[int] = []
         self.closed = False
         send, receive = anyio.create_memory_object_stream[_Event](INBOX_SIZE)
         self._inbox_send: MemoryObjectSendStream[_Event] = send
@@ -459,7 +460,8 @@ class _Connection(asyncssh.SSHServer):
                 )
             except OSError as exc:
                 log.warning("port busy", port=port, error=str(exc), session=self.session.id)
-                del self.reserved[service]  # stays reserved in the allocator: someone has it
+                # Kept out of the pool for this session's life: someone else holds it.
+                self.busy.append(self.reserved.pop(service))
                 continue
             self.session.forwards[service] = Forward(service, host, port, requested_port)
             self.fw.metrics.ports_in_use.set(self.fw.ports.in_use)
@@ -713,9 +715,10 @@ class _Connection(asyncssh.SSHServer):
 
     async def _finish(self, session: Session, reason: str) -> None:
         was_published = self.fw.registry.remove(session)
-        for port in self.reserved.values():
+        for port in [*self.reserved.values(), *self.busy]:
             self.fw.ports.release(port)
         self.reserved.clear()
+        self.busy.clear()
         self.fw.metrics.ports_in_use.set(self.fw.ports.in_use)
         self.fw.metrics.forget(session)
         self.fw.metrics.update_sessions(self.fw.registry)
