@@ -60,7 +60,11 @@ import json, os, signal, socket, sys, threading, time
 ports = [int(x) for x in sys.argv[1].split(",")]
 delay = float(sys.argv[2]) if len(sys.argv) > 2 else 0.0
 tag = os.environ.get("SERVICE_TAG", "service")
-signal.signal(signal.SIGTERM, lambda *_: sys.exit(7))
+# SIGTERM stays blocked in every thread (threads inherit the mask) and the main thread
+# takes it with sigwait(). With a handler and signal.pause(), the kernel may hand it to
+# another thread (one starting a thread for a connection, say): the handler, which only
+# the main thread runs, then waits for a wake-up of pause() that never comes.
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 time.sleep(delay)
 # Printed before listening: whoever connects, connects after this line is in the log.
 print(json.dumps({"event": "service listening", "ports": ports}), flush=True)
@@ -86,8 +90,8 @@ def serve(server, port):
 for port in ports:
     server = socket.create_server(("127.0.0.1", port))
     threading.Thread(target=serve, args=(server, port), daemon=True).start()
-while True:
-    signal.pause()
+signal.sigwait({signal.SIGTERM})
+sys.exit(7)
 """
 
 
