@@ -299,9 +299,14 @@ async def _read_or_none(read: Awaitable[Any]) -> Any:
 class DaskOperator:
     """The operator subprocess, and async helpers to drive Dask clusters through the API."""
 
-    def __init__(self, kube: KubeAPIServer, *, log_path: Path | None = None) -> None:
+    def __init__(
+        self, kube: KubeAPIServer, *, log_path: Path | None = None, hosts_file: Path | None = None
+    ) -> None:
         self.kube = kube
         self.log_path = log_path or kube.directory / "dask-operator.log"
+        #: If set, the operator runs in a private mount namespace (needs root) whose /etc/hosts is
+        #: this file, bind-mounted: in-place writes to it show at once. Stands in for cluster DNS.
+        self.hosts_file = hosts_file
         self.liveness_port = 0
         self.version = importlib.metadata.version("dask-kubernetes")
         self._process: _Process | None = None
@@ -342,6 +347,11 @@ class DaskOperator:
             "--standalone",
             f"--liveness=http://127.0.0.1:{self.liveness_port}/healthz",
         ]
+        if self.hosts_file is not None:
+            # unshare and sh each exec the next: the PID that gets SIGTERM is the operator's.
+            mount = 'mount --bind "$0" /etc/hosts && exec "$@"'
+            unshare = ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount]
+            argv = [*unshare, str(self.hosts_file), *argv]
         self._process = _Process("dask-operator", argv, self.log_path, grace=STOP_GRACE)
         started = time.monotonic()
         self._process.start()

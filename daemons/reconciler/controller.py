@@ -850,28 +850,27 @@ class Reconciler:
             patch = route.restore_patch(service)
             if patch is None:
                 return False
+            # Not ready first: KubeCluster and the operator stop dialing the Service before
+            # it points back at the unreachable pod IP (their errors are not all caught).
+            pod = await get_or_none(
+                self._core.read_namespaced_pod,
+                owner.pod_name,
+                owner.pod_namespace,
+                _request_timeout=self._timeout,
+            )
+            if pod is not None and (pod.get("metadata") or {}).get("uid") == owner.pod_uid:
+                await self._make_ready(pod, False, None)
             await patch_json(
                 self._core.patch_namespaced_service, name, ns, patch, request_timeout=self._timeout
             )
-            found["owner"] = owner
             found["cluster"] = labels_of(service).get(CLUSTER_LABEL)
             return True
 
         if not await self._retry(attempt):
             return None
         self.metrics.restored.labels(kind="Service").inc()
-        owner: route.RoutedBy = found["owner"]
         cluster = found.get("cluster")
         log.info("unrouted", tunnel=key, service=svc_key, why=why)
-        # The scheduler pod this routing made ready is not reachable any more.
-        pod = await get_or_none(
-            self._core.read_namespaced_pod,
-            owner.pod_name,
-            owner.pod_namespace,
-            _request_timeout=self._timeout,
-        )
-        if pod is not None and (pod.get("metadata") or {}).get("uid") == owner.pod_uid:
-            await self._make_ready(pod, False, None)
         if emit and cluster:
             await self._cluster_event(
                 ns,

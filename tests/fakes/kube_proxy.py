@@ -1,0 +1,220 @@
+"""A fake kube-proxy: stands in for kube-proxy, which cannot run here, for one Service.
+
+Real kube-proxy programs iptables/IPVS on every node so that a connection to a Service's
+ClusterIP and port lands on one of the Service's *ready* Endpoints, at the Endpoints port (the
+``targetPort``, resolved by the endpoints controller). None of that can run on a test machine
+(no node, no kube-proxy, no ClusterIP range, no DNS); the test control plane still runs the real
+endpoints controller (kube-controller-manager), so the Endpoints objects are the real thing.
+
+:class:`FakeKubeProxy` keeps that part real and fakes only the packet plumbing:
+
+- it listens on ``host`` (a loopback alias such as ``127.77.1.2``: all of 127/8 is on ``lo``;
+  the test maps the Service's DNS names to it, e.g. in a private ``/etc/hosts``) at each TCP
+  port of the Service's ``spec.ports`` (the Service *port*, e.g. 8787, not the targetPort);
+- for **each** accepted connection it reads the Service and its Endpoints from the API afresh
+  (so it always follows what Kubernetes computed *now*, with no watch to fall behind), takes the
+  Endpoints port of the same port name and the subsets' ready ``addresses`` (never
+  ``notReadyAddresses``), picks one round-robin, and relays bytes both ways until both sides
+  are done; with no ready endpoint the connection is closed at once (kube-proxy rejects);
+- **address translation**: an endpoint address is a pod IP (e.g. the forwarder pod's fake IP
+  ``10.245.0.2``: Endpoints reject loopback addresses), which routes nowhere on this machine,
+  while the forwarder under test runs in the test process and binds its listeners on 127.0.0.1.
+  ``translate`` maps the pod IPs that have something behind them here to the address to dial
+  (``{forwarder_pod_ip: "127.0.0.1"}``), keeping the Endpoints port. A pod IP not in it (say a
+  virtual-kubelet pod nobody can reach) is unreachable, as it would be in a cluster: the
+  connection is closed and the attempt recorded in :attr:`FakeKubeProxy.errors`. Each
+  connection records the endpoint it stood for (:attr:`Connection.endpoint`).
+
+What a test can look at: :attr:`FakeKubeProxy.connections` (per connection: the Service port
+dialled, the endpoint chosen, the first line the client sent and the first line the backend
+answered -- for HTTP, the request line and the status line; only the first request of a
+connection is seen) and :attr:`FakeKubeProxy.errors`. Bounded: at most ``max_connections``
+relayed at once (more are closed), each at most ``max_lifetime`` seconds; stopped by cancelling
+(:func:`running_kube_proxy` does it on exit).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.abc
+from anyio.abc import ByteStream, SocketStream
+from kubernetes_asyncio import client
+from kubernetes_asyncio.client.exceptions import ApiException
+
+#: What a relay may raise when a peer goes away; it ends that relay only.
+_GONE = (
+    OSError,
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+    anyio.EndOfStream,
+)
+
+
+@dataclass
+class Connection:
+    """One connection accepted on a Service port."""
+
+    port: int
+    #: ``"ip:port"`` from the Endpoints (before translation), or None if none was ready.
+    endpoint: str | None = None
+    #: First line the client sent / the backend answered (HTTP: request line / status line).
+    request: bytes = b""
+    reply: bytes = b""
+    #: Whether the endpoint was dialled successfully; whether the connection is over.
+    relayed: bool = False
+    done: bool = False
+
+
+def _first_line(chunk: bytes) -> bytes:
+    return chunk.split(b"\r\n", 1)[0][:200]
+
+
+@dataclass
+class FakeKubeProxy:
+    """Relays ``host:<Service port>`` to the Service's current ready Endpoints (see module)."""
+
+    api: client.ApiClient
+    namespace: str
+    service: str
+    host: str
+    #: Pod IP -> the address to dial for it (see the module); other pod IPs are unreachable.
+    translate: Mapping[str, str] = field(default_factory=dict)
+    max_connections: int = 32
+    max_lifetime: float = 120.0
+    connect_timeout: float = 5.0
+    connections: list[Connection] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    #: The Service ports listened on (set once listening).
+    ports: list[int] = field(default_factory=list)
+    _rr: itertools.count[int] = field(default_factory=itertools.count)
+
+    def requests(self, port: int) -> list[tuple[str, str]]:
+        """(request line, status line) of each finished connection on ``port`` that spoke HTTP."""
+        return [
+            (c.request.decode(errors="replace"), c.reply.decode(errors="replace"))
+            for c in self.connections
+            if c.port == port and c.done and c.reply.startswith(b"HTTP/")
+        ]
+
+    def count(self, port: int) -> int:
+        """Connections on ``port`` relayed to an endpoint so far."""
+        return sum(1 for c in self.connections if c.port == port and c.relayed)
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        core = client.CoreV1Api(self.api)
+        service = await core.read_namespaced_service(self.service, self.namespace)
+        ports = [p.port for p in service.spec.ports if (p.protocol or "TCP") == "TCP"]
+        limiter = anyio.CapacityLimiter(self.max_connections)
+        async with contextlib.AsyncExitStack() as stack:
+            listeners = []
+            for port in ports:
+                listener = await anyio.create_tcp_listener(local_host=self.host, local_port=port)
+                listeners.append(await stack.enter_async_context(listener))
+            self.ports = ports
+            async with anyio.create_task_group() as tg:
+                for port, listener in zip(ports, listeners, strict=True):
+                    tg.start_soon(listener.serve, self._handler(port, limiter), tg)
+                task_status.started()
+
+    def _handler(self, port: int, limiter: anyio.CapacityLimiter) -> Any:
+        async def handle(stream: SocketStream) -> None:
+            conn = Connection(port)
+            self.connections.append(conn)
+            async with stream:
+                try:
+                    limiter.acquire_nowait()
+                except anyio.WouldBlock:
+                    self.errors.append(f"port {port}: over {self.max_connections} connections")
+                    return
+                try:
+                    with anyio.move_on_after(self.max_lifetime):
+                        await self._relay(stream, conn)
+                except Exception as exc:  # one connection's failure: recorded, never the proxy's
+                    self.errors.append(f"port {port}: {type(exc).__name__}: {exc}")
+                finally:
+                    limiter.release()
+                    conn.done = True
+
+        return handle
+
+    async def _endpoint(self, port: int) -> tuple[str, int] | None:
+        """A ready (address, Endpoints port) for Service port ``port``, as Kubernetes has it now."""
+        core = client.CoreV1Api(self.api)
+        try:
+            service = await core.read_namespaced_service(self.service, self.namespace)
+            endpoints = await core.read_namespaced_endpoints(self.service, self.namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        names = [p.name for p in service.spec.ports if p.port == port]
+        if not names:
+            return None
+        candidates = []
+        for subset in endpoints.subsets or []:
+            # A one-port Service's Endpoints port may be nameless.
+            subset_ports = [p.port for p in subset.ports or [] if p.name in (names[0], None)]
+            for address in subset.addresses or []:
+                candidates += [(str(address.ip), subset_port) for subset_port in subset_ports]
+        if not candidates:
+            return None
+        return candidates[next(self._rr) % len(candidates)]
+
+    async def _relay(self, stream: SocketStream, conn: Connection) -> None:
+        endpoint = await self._endpoint(conn.port)
+        if endpoint is None:
+            return  # kube-proxy rejects a Service with no ready endpoint
+        ip, target = endpoint
+        conn.endpoint = f"{ip}:{target}"
+        if ip not in self.translate:
+            self.errors.append(f"port {conn.port}: endpoint {conn.endpoint} is unreachable here")
+            return
+        try:
+            with anyio.fail_after(self.connect_timeout):
+                backend = await anyio.connect_tcp(self.translate[ip], target)
+        except (OSError, TimeoutError) as exc:
+            self.errors.append(f"port {conn.port}: dialling {conn.endpoint}: {exc}")
+            return
+        conn.relayed = True
+        async with backend, anyio.create_task_group() as tg:
+
+            async def one_way(src: ByteStream, dst: ByteStream, first: str) -> None:
+                try:
+                    async for chunk in src:
+                        if first and not getattr(conn, first):
+                            setattr(conn, first, _first_line(chunk))
+                        await dst.send(chunk)
+                    with contextlib.suppress(*_GONE):
+                        await dst.send_eof()
+                except _GONE:
+                    tg.cancel_scope.cancel()
+
+            tg.start_soon(one_way, stream, backend, "request")
+            tg.start_soon(one_way, backend, stream, "reply")
+
+
+@contextlib.asynccontextmanager
+async def running_kube_proxy(
+    api: client.ApiClient,
+    namespace: str,
+    service: str,
+    host: str,
+    translate: Mapping[str, str],
+    **options: Any,
+) -> AsyncIterator[FakeKubeProxy]:
+    """A :class:`FakeKubeProxy` listening until the block ends."""
+    proxy = FakeKubeProxy(api, namespace, service, host, translate, **options)
+    async with anyio.create_task_group() as tg:
+        await tg.start(proxy.run)
+        try:
+            yield proxy
+        finally:
+            tg.cancel_scope.cancel()
