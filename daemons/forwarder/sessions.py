@@ -46,7 +46,6 @@ class Session:
     service_ports: dict[str, int] = field(default_factory=dict)
     services_up: dict[str, bool] = field(default_factory=dict)
     last_heartbeat: float | None = None
-    rtt: float | None = None
     counters: AgentCounters = field(default_factory=AgentCounters)
     published: bool = False
     # Set by the server: ``close(reason, code)`` ends the session with an error
@@ -66,7 +65,6 @@ class Session:
             "private_ip": self.private_ip,
             "since": _iso(self.since),
             "last_heartbeat": _iso(self.last_heartbeat),
-            "rtt_seconds": self.rtt,
             "agent_version": self.agent_version,
             "services": {
                 name: _address(advertise_host or fwd.host, fwd.port)
