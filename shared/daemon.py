@@ -14,7 +14,7 @@ from typing import Any, Protocol, TypeVar
 
 import anyio
 
-from shared import config, logs
+from shared import config, logs, warnlog
 
 
 class Settings(Protocol):
@@ -28,7 +28,11 @@ S = TypeVar("S", bound=Settings)
 
 
 def load_settings(prog: str, cls: type[S], config_file: Path | None) -> S:
-    """Settings from TOML and the environment, or one line on stderr and exit 2."""
+    """Settings from TOML and the environment, or one line on stderr and exit 2.
+
+    Python warnings held since the entry point (:mod:`daemons.launch`) go to the log
+    from here on; with a bad setting they are never printed.
+    """
     try:
         settings = config.load(cls, config_file=config_file)
         settings.check()
@@ -37,6 +41,7 @@ def load_settings(prog: str, cls: type[S], config_file: Path | None) -> S:
         sys.exit(2)
     logs.configure(level=settings.log_level)
     log = logs.get_logger(prog)
+    warnlog.release(logs.get_logger("py.warnings"))
     for name in config.unknown_environment(cls, os.environ):
         log.warning("unknown environment variable ignored", name=name)
     return settings

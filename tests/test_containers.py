@@ -25,3 +25,15 @@ def test_copied_sources_exist(path: Path) -> None:
         *sources, _dest = line.split()
         for source in sources:
             assert (ROOT / source).exists(), f"{path.name}: COPY {source}: no such path"
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_images_install_from_the_lock(path: Path) -> None:
+    text = path.read_text()
+    installs = re.findall(r"pip install[^\n]*", text)
+    assert installs, f"{path.name}: installs nothing?"
+    assert re.search(r"(?m)^COPY .*\brequirements\.lock\b", text), f"{path.name}: no lock copied"
+    # Constraints set before the first install reach every install after it.
+    constraint = re.search(r"PIP_CONSTRAINT=\S*requirements\.lock", text)
+    assert constraint, f"{path.name}: pip does not install from requirements.lock"
+    assert constraint.start() < text.index(installs[0]), f"{path.name}: lock set too late"
