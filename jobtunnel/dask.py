@@ -11,8 +11,9 @@ Three things, all for the user's side (a JupyterLab single-user server with dask
   and the user's JupyterHub token as a file from a Secret volume (mode 0400; never in the spec,
   never in the environment: InterLink's HTCondor plugin writes a container's environment into a
   world-readable file).
-* :func:`ensure_token_secret` writes ``$JUPYTERHUB_API_TOKEN`` into that Secret (kr8s, with the
-  notebook pod's own credentials).
+* :func:`ensure_token_secret` keeps a tunnel-only token in that Secret: minted through the hub's
+  token API with the notebook's own token (which stays in the notebook), renewed before it
+  expires (kr8s, with the notebook pod's own credentials).
 * ``OffloadedKubeCluster``: a ``KubeCluster`` that builds the spec from its keyword arguments and
   the ``jobtunnel.*`` keys of the Dask configuration, so that dask-labextension's factory (which
   calls the class with no arguments) makes offloaded clusters.
@@ -27,9 +28,11 @@ import asyncio
 import base64
 import concurrent.futures
 import copy
+import datetime
 import getpass
 import os
 import re
+import time
 import uuid
 import warnings
 from collections.abc import Mapping, Sequence
@@ -57,6 +60,14 @@ DEFAULT_SERVICES = "scheduler=8786,dashboard=8787"
 DEFAULT_TOKEN_SECRET = "jobtunnel-token"  # noqa: S105  (names, not secrets)
 #: The Secret key holding the token, and where the Secret volume is mounted.
 TOKEN_KEY = "token"  # noqa: S105  (names, not secrets)
+#: The hub scopes of a job's token: open this user's tunnels, nothing else.
+TUNNEL_SCOPES = ("custom:jobtunnel:connect!user",)
+#: A minted token's lifetime, and how much of it a new cluster's job gets at least.
+TOKEN_LIFETIME = 7 * 24 * 3600.0
+TOKEN_RENEW_BEFORE = 24 * 3600.0
+#: Annotations on the Secret: which hub token it holds, and until when (Unix seconds).
+TOKEN_ID_KEY = "jobtunnel.io/token-id"  # noqa: S105  (names, not secrets)
+TOKEN_EXPIRES_KEY = "jobtunnel.io/token-expires-at"  # noqa: S105  (names, not secrets)
 TOKEN_MOUNT_PATH = "/var/run/jobtunnel"  # noqa: S105  (names, not secrets)
 TOKEN_VOLUME = "jobtunnel-token"  # noqa: S105  (names, not secrets)
 #: Where KubeSpawner and the reconciler look for the hub user name.
@@ -370,24 +381,48 @@ async def async_ensure_token_secret(
     *,
     token: str | None = None,
     api: Any = None,
+    hub_api_url: str | None = None,
+    user: str | None = None,
+    lifetime: float = TOKEN_LIFETIME,
+    renew_before: float = TOKEN_RENEW_BEFORE,
+    now: float | None = None,
 ) -> str:
-    """Create or update Secret ``name`` (key ``token``) from ``$JUPYTERHUB_API_TOKEN``.
+    """Keep a tunnel-only token for your jobs in Secret ``name`` (key ``token``).
 
-    ``namespace`` defaults to this pod's own namespace, else the kr8s API's (kubeconfig)
-    namespace; ``api`` to ``kr8s.asyncio.api()`` (in a pod: its service account). Needs RBAC
-    ``create`` on secrets and ``patch`` on this Secret (``configs/jupyterhub/rbac.yaml``).
-    Returns the namespace used. The token is never logged or returned.
+    A job's token is exposed to everything that runs in the job, so it is worth almost
+    nothing: a token with only the hub scope ``custom:jobtunnel:connect!user`` (what the
+    forwarder requires by default), minted here with the notebook's own
+    ``$JUPYTERHUB_API_TOKEN`` through the hub's token API and valid for ``lifetime``
+    seconds. The Secret's token is kept while it has more than ``renew_before`` seconds
+    left (its expiry and hub id ride on the Secret as annotations); otherwise a new one is
+    minted, stored, and the previous one revoked. Run at every cluster start
+    (``OffloadedKubeCluster`` does), so a new cluster's job gets at least ``renew_before``.
+
+    ``token`` stores a token of the site's own making instead, as it is. ``hub_api_url`` and
+    ``user`` default to ``$JUPYTERHUB_API_URL`` and ``$JUPYTERHUB_USER``; ``namespace`` to
+    this pod's own, else the kr8s API's; ``api`` to ``kr8s.asyncio.api()``. RBAC: see
+    ``configs/jupyterhub/rbac.yaml``; the hub's roles: ``configs/jupyterhub/jupyterhub_config.py``.
+    Returns the namespace used. No token is ever logged, returned or put in an exception.
     """
     import kr8s
     import kr8s.asyncio
     from kr8s.asyncio.objects import Secret
 
-    token = token or os.environ.get("JUPYTERHUB_API_TOKEN")
-    if not token:
-        raise ValueError("no token: $JUPYTERHUB_API_TOKEN is not set (run this in JupyterHub)")
     if api is None:
         api = await kr8s.asyncio.api()
     namespace = namespace or own_namespace() or str(api.namespace)
+    now = time.time() if now is None else now
+    annotations: dict[str, str | None] = {TOKEN_ID_KEY: None, TOKEN_EXPIRES_KEY: None}
+    previous_id: str | None = None
+    hub: _Hub | None = None
+    if token is None:
+        hub = _Hub.from_environment(hub_api_url, user)
+        current = await _read_secret(Secret, api, namespace, name)
+        if _still_valid(current, now + renew_before):
+            return namespace
+        previous_id = (current or {}).get(TOKEN_ID_KEY)
+        token, token_id, expires_at = await hub.mint(lifetime)
+        annotations = {TOKEN_ID_KEY: token_id, TOKEN_EXPIRES_KEY: str(int(expires_at))}
     data = {TOKEN_KEY: base64.b64encode(token.encode()).decode()}
     body = {
         "apiVersion": "v1",
@@ -396,6 +431,7 @@ async def async_ensure_token_secret(
             "name": name,
             "namespace": namespace,
             "labels": {"app.kubernetes.io/managed-by": "jobtunnel"},
+            "annotations": {k: v for k, v in annotations.items() if v is not None},
         },
         "type": "Opaque",
         "data": data,
@@ -408,11 +444,131 @@ async def async_ensure_token_secret(
         if status != 409:
             raise _secret_error(exc, status, namespace, name, "create") from None
         try:
-            await secret.patch({"data": data})
+            # A merge patch: None removes an annotation a minted token left behind.
+            await secret.patch({"data": data, "metadata": {"annotations": annotations}})
         except kr8s.ServerError as patch_exc:
             status = patch_exc.response.status_code if patch_exc.response is not None else None
             raise _secret_error(patch_exc, status, namespace, name, "patch") from None
+    if hub is not None and previous_id and previous_id != annotations[TOKEN_ID_KEY]:
+        await hub.revoke(previous_id)
     return namespace
+
+
+async def _read_secret(
+    secret_cls: Any, api: Any, namespace: str, name: str
+) -> dict[str, str] | None:
+    """The Secret's jobtunnel annotations, or None when it does not exist yet."""
+    import kr8s
+
+    try:
+        secret = await secret_cls.get(name, namespace=namespace, api=api)
+    except kr8s.NotFoundError:
+        return None
+    except kr8s.ServerError as exc:
+        status = exc.response.status_code if exc.response is not None else None
+        if status == 404:
+            return None
+        raise _secret_error(exc, status, namespace, name, "read") from None
+    meta = secret.raw.get("metadata", {})
+    has_token = bool(secret.raw.get("data", {}).get(TOKEN_KEY))
+    found = {
+        k: v for k, v in (meta.get("annotations") or {}).items() if k.startswith("jobtunnel.io/")
+    }
+    return found if has_token else {}
+
+
+def _still_valid(annotations: Mapping[str, str] | None, needed_until: float) -> bool:
+    try:
+        return float((annotations or {})[TOKEN_EXPIRES_KEY]) > needed_until
+    except (KeyError, ValueError):
+        return False
+
+
+class _Hub:
+    """The hub's token API, with the notebook's own token (which never leaves the notebook)."""
+
+    def __init__(self, api_url: str, user: str, token: str) -> None:
+        self.api_url = api_url.rstrip("/")
+        self.user = user
+        self._token = token
+
+    @classmethod
+    def from_environment(cls, api_url: str | None, user: str | None) -> _Hub:
+        api_url = api_url or os.environ.get("JUPYTERHUB_API_URL")
+        user = user or os.environ.get("JUPYTERHUB_USER")
+        token = os.environ.get("JUPYTERHUB_API_TOKEN")
+        if not api_url or not user or not token:
+            missing = [
+                what
+                for what, value in (
+                    ("$JUPYTERHUB_API_URL (hub_api_url)", api_url),
+                    ("$JUPYTERHUB_USER (user)", user),
+                    ("$JUPYTERHUB_API_TOKEN", token),
+                )
+                if not value
+            ]
+            raise ValueError(
+                f"cannot mint a token for your jobs: {', '.join(missing)} not set "
+                "(run this in a JupyterHub single-user server, or pass token=)"
+            )
+        return cls(api_url, user, token)
+
+    async def mint(self, lifetime: float) -> tuple[str, str, float]:
+        """A new tunnel-only token: (token, its hub id, expiry as a Unix time)."""
+        body = {
+            "scopes": list(TUNNEL_SCOPES),
+            "expires_in": int(lifetime),
+            "note": "jobtunnel: offloaded Dask schedulers (tunnels only)",
+        }
+        status, answer = await asyncio.to_thread(
+            self._request, "POST", f"/users/{self.user}/tokens", body
+        )
+        if status != 201 or not isinstance(answer, dict) or "token" not in answer:
+            raise PermissionError(
+                f"the hub refused to mint a tunnel token for {self.user!r} (HTTP {status}): "
+                "the hub must define custom:jobtunnel:connect, give it to users, and let "
+                "single-user servers create tokens (configs/jupyterhub/jupyterhub_config.py)"
+            )
+        expires = answer.get("expires_at")
+        expires_at = (
+            datetime.datetime.fromisoformat(expires.replace("Z", "+00:00")).timestamp()
+            if isinstance(expires, str)
+            else time.time() + lifetime
+        )
+        return str(answer["token"]), str(answer["id"]), expires_at
+
+    async def revoke(self, token_id: str) -> None:
+        """Best effort: the old token dies by its expiry anyway."""
+        status, _ = await asyncio.to_thread(
+            self._request, "DELETE", f"/users/{self.user}/tokens/{token_id}", None
+        )
+        if status not in (204, 404):
+            warnings.warn(
+                f"jobtunnel: could not revoke the previous job token {token_id} "
+                f"(HTTP {status}); it expires by itself",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    def _request(self, method: str, path: str, body: Any) -> tuple[int, Any]:
+        import json
+        import urllib.error
+        import urllib.request
+
+        request = urllib.request.Request(  # noqa: S310 - the hub's own API URL
+            self.api_url + path,
+            data=None if body is None else json.dumps(body).encode(),
+            method=method,
+            headers={"Authorization": f"token {self._token}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as resp:  # noqa: S310
+                raw = resp.read()
+                return int(resp.status), json.loads(raw) if raw else None
+        except urllib.error.HTTPError as exc:
+            return int(exc.code), None
+        except (OSError, ValueError) as exc:
+            raise ConnectionError(f"JupyterHub API {self.api_url} unreachable: {exc}") from None
 
 
 def _secret_error(
@@ -433,11 +589,12 @@ def ensure_token_secret(
     *,
     token: str | None = None,
     kubeconfig: str | None = None,
+    **kwargs: Any,
 ) -> str:
     """Blocking :func:`async_ensure_token_secret`; works in a notebook (whose loop is running).
 
-    Run it once per notebook server start (the hub issues a new token at each start).
-    ``kubeconfig`` is for use outside a pod. Returns the namespace used.
+    ``kubeconfig`` is for use outside a pod; ``kwargs`` go to :func:`async_ensure_token_secret`
+    (``hub_api_url``, ``user``, ``lifetime``, ``renew_before``). Returns the namespace used.
     """
 
     async def run() -> str:
@@ -446,7 +603,7 @@ def ensure_token_secret(
             import kr8s.asyncio
 
             api = await kr8s.asyncio.api(kubeconfig=kubeconfig)
-        return await async_ensure_token_secret(namespace, name, token=token, api=api)
+        return await async_ensure_token_secret(namespace, name, token=token, api=api, **kwargs)
 
     # A fresh thread and loop: a notebook's own loop is already running in this thread.
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jobtunnel") as pool:

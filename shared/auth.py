@@ -51,6 +51,7 @@ __all__ = [
     "Outcome",
     "TokenFileVerifier",
     "TokenVerifier",
+    "broader_scopes",
     "scope_satisfied",
     "token_fingerprint",
 ]
@@ -65,6 +66,7 @@ REASON_CODES: frozenset[str] = frozenset(
         "user_mismatch",  # the token belongs to another user
         "service_token",  # the token belongs to a hub service, not a user
         "missing_scope",
+        "broad_token",  # the token can do more than open tunnels (refused by default)
         "rate_limited",
         "hub_unavailable",
         "token_file_invalid",
@@ -72,6 +74,13 @@ REASON_CODES: frozenset[str] = frozenset(
         "other",  # a third-party verifier's code outside this set
     }
 )
+
+#: The scope a job's token needs by default: defined by the hub's configuration
+#: (configs/jupyterhub/jupyterhub_config.py), held only by the user it is filtered to.
+CONNECT_SCOPE = "custom:jobtunnel:connect!user={user}"
+#: What a token minted with only :data:`CONNECT_SCOPE` also shows: the hub adds the
+#: identity scopes to every token. Anything else makes a token broader than its job.
+IDENTITY_SCOPES: tuple[str, ...] = ("read:users:name", "read:users:groups")
 
 _MAX_TOKEN_LEN = 4096
 _MAX_USER_LEN = 256
@@ -110,6 +119,14 @@ class AuthDecision:
     @property
     def ok(self) -> bool:
         return self.outcome is Outcome.ACCEPT
+
+    @property
+    def for_the_client(self) -> bool:
+        """A refusal of a valid token the user can act on (mint the right one): say why.
+
+        The caller holds a token the hub accepted, so the reason reveals nothing new.
+        """
+        return self.code in ("missing_scope", "broad_token")
 
     @classmethod
     def accept(cls, user: str, scopes: frozenset[str] = frozenset()) -> AuthDecision:
@@ -188,6 +205,29 @@ def scope_satisfied(required: str, granted: frozenset[str] | set[str], user: str
         return base in granted
     prefix = base + "!"
     return any(g.startswith(prefix) for g in granted)
+
+
+def broader_scopes(
+    granted: frozenset[str] | set[str], allowed: Sequence[str], user: str = ""
+) -> list[str]:
+    """The granted scopes no ``allowed`` entry covers: what a stolen token could do beyond tunnels.
+
+    An allowed scope covers a granted one of the same base (the part before ``!``) whose filter
+    is the allowed one's (``{user}`` substituted) or any filter when the allowed one has none.
+    A token asked for with ``inherit``, ``access:servers`` or ``tokens`` shows those expanded
+    by the hub (``access:servers!user=alice``, ``tokens!user=alice``...), so an allow-list
+    catches every broad token, including scopes this code has never heard of.
+    """
+    broader = []
+    for scope in sorted(granted):
+        base, _, filt = scope.partition("!")
+        for entry in allowed:
+            a_base, a_sep, a_filt = entry.replace("{user}", user).partition("!")
+            if a_base == base and (not a_sep or a_filt == filt):
+                break
+        else:
+            broader.append(scope)
+    return broader
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,6 +426,10 @@ class HubVerifier:
     - 200 with ``name == user`` (and ``kind == "user"`` when the hub reports a kind) and every
       required scope present (see :func:`scope_satisfied`) -> ACCEPT.
     - 200 for another name, a service token, or a missing scope -> REJECT with that reason.
+    - 200 for a token holding any scope beyond the required ones and the hub's identity scopes
+      (``access:servers``, ``tokens``, ``inherit``...) -> REJECT ``broad_token``, unless
+      ``allow_broad_tokens``: a job's token is exposed to everything that runs in the job,
+      so it must be worth almost nothing (open this user's tunnels) when stolen.
     - 401/403 (and a JSON 404) -> REJECT "unknown, revoked or expired token"; a non-JSON 404
       (a wrong ``api_url``) -> UNAVAILABLE.
     - anything else (other statuses, redirects, timeouts, connection errors, unparsable
@@ -420,7 +464,9 @@ class HubVerifier:
         timeout: float = 5.0,
         cache_ttl: float = 60.0,
         negative_cache_ttl: float = 10.0,
-        required_scopes: Sequence[str] = (),
+        required_scopes: Sequence[str] = (CONNECT_SCOPE,),
+        allow_broad_tokens: bool = False,
+        narrow_scopes: Sequence[str] = IDENTITY_SCOPES,
         registry: CollectorRegistry | None = None,
         revalidate_max_age: float = 0.0,
         max_cache_entries: int = 100_000,
@@ -434,6 +480,9 @@ class HubVerifier:
         self._user_url = f"{self.api_url}/user"
         self.timeout = timeout
         self.required_scopes: tuple[str, ...] = tuple(required_scopes)
+        self.allow_broad_tokens = allow_broad_tokens
+        # A token may hold its required scopes and the hub's identity scopes, nothing more.
+        self.narrow_scopes: tuple[str, ...] = (*self.required_scopes, *narrow_scopes)
         self.revalidate_max_age = revalidate_max_age
         self._ssl: ssl.SSLContext | bool
         if not verify_tls:
@@ -654,9 +703,28 @@ class HubVerifier:
             if isinstance(raw_scopes, list)
             else frozenset()
         )
+        if not self.allow_broad_tokens and (
+            broader := broader_scopes(scopes, self.narrow_scopes, user)
+        ):
+            shown = ", ".join(broader[:4]) + (
+                f" and {len(broader) - 4} more" if len(broader) > 4 else ""
+            )
+            wanted = ", ".join(r.replace("{user}", user) for r in self.required_scopes)
+            return AuthDecision.reject(
+                user,
+                f"token can do more than open tunnels ({shown}): a job must carry a token "
+                f"with only {wanted or 'the identity scopes'} (jobtunnel.dask.ensure_token_secret "
+                "mints one)",
+                "broad_token",
+            )
         for required in self.required_scopes:
             if not scope_satisfied(required, scopes, user):
-                return AuthDecision.reject(user, f"missing scope {required!r}", "missing_scope")
+                return AuthDecision.reject(
+                    user,
+                    f"missing scope {required.replace('{user}', user)!r}: a job's token needs it "
+                    "(jobtunnel.dask.ensure_token_secret mints one)",
+                    "missing_scope",
+                )
         return AuthDecision.accept(user, scopes)
 
     def _hub_ok(self) -> None:

@@ -42,6 +42,12 @@ from typing import Any
 import pytest
 
 SERVICE_NAME = "jobtunnel-test"
+#: The hub configuration sites load (the custom scope and its roles).
+SITE_CONFIG = (
+    Path(__file__).resolve().parent.parent / "configs" / "jupyterhub" / "jupyterhub_config.py"
+)
+#: What jobtunnel.dask mints for a job, and the forwarder requires by default.
+TUNNEL_SCOPES = ("custom:jobtunnel:connect!user",)
 
 _PROXY_MODULE = '''\
 """A proxy that does nothing: the hub's API is reached directly on the hub port."""
@@ -81,6 +87,8 @@ c.JupyterHub.load_roles = [
     {{"name": "jobtunnel-test-admin", "scopes": ["admin:users", "tokens"],
       "services": [{service!r}]}},
 ]
+# What sites load: the tunnel-only scope and the roles that mint it.
+load_subconfig({site_config!r})  # noqa: F821
 """
 
 
@@ -163,6 +171,7 @@ class JupyterHub:
             pid_file=str(d / "jupyterhub.pid"),
             service=self.service_name,
             service_token=self.service_token,
+            site_config=str(SITE_CONFIG),
         )
         config_file = d / "jupyterhub_config.py"
         config_file.write_text(config)
@@ -330,6 +339,10 @@ class JupyterHub:
             body["scopes"] = scopes
         model = self.request("POST", f"/users/{user}/tokens", body, expect=(201,))
         return str(model["token"]), str(model["id"])
+
+    def create_tunnel_token(self, user: str, **kwargs: Any) -> tuple[str, str]:
+        """A token as a job carries it: the tunnel-only scope and nothing more."""
+        return self.create_token(user, scopes=list(TUNNEL_SCOPES), **kwargs)
 
     def revoke_token(self, user: str, token_id: str) -> None:
         self.request("DELETE", f"/users/{user}/tokens/{token_id}", expect=(204,))

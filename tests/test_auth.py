@@ -7,7 +7,7 @@ import hashlib
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +26,12 @@ from shared.auth import (
     Outcome,
     TokenFileVerifier,
     TokenVerifier,
+    broader_scopes,
     scope_satisfied,
     token_fingerprint,
 )
 from tests.jupyterhub import (
+    TUNNEL_SCOPES,
     JupyterHub,
     _free_port,
     jupyterhub,  # noqa: F401
@@ -76,12 +78,18 @@ class HubUsers:
     alice: str
     bob: str
     root: str
-    alice_token: str
+    alice_token: str  # tunnel-only tokens, as jobs carry them
     bob_token: str
     root_token: str
+    alice_full_token: str  # what the hub gives by default: everything alice may do
 
-    def new_token(self, user: str, **kwargs: Any) -> tuple[str, str]:
-        return self.hub.create_token(user, **kwargs)
+    def new_token(
+        self, user: str, scopes: Sequence[str] | None = TUNNEL_SCOPES, **kwargs: Any
+    ) -> tuple[str, str]:
+        """A token; tunnel-only unless ``scopes`` says otherwise (None: the hub's full default)."""
+        return self.hub.create_token(
+            user, scopes=None if scopes is None else list(scopes), **kwargs
+        )
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +104,10 @@ def users(jupyterhub: JupyterHub) -> HubUsers:  # noqa: F811
         alice=alice,
         bob=bob,
         root=root,
-        alice_token=jupyterhub.create_token(alice)[0],
-        bob_token=jupyterhub.create_token(bob)[0],
-        root_token=jupyterhub.create_token(root)[0],
+        alice_token=jupyterhub.create_tunnel_token(alice)[0],
+        bob_token=jupyterhub.create_tunnel_token(bob)[0],
+        root_token=jupyterhub.create_tunnel_token(root)[0],
+        alice_full_token=jupyterhub.create_token(alice)[0],
     )
 
 
@@ -122,8 +131,11 @@ async def test_hub_accepts_own_token_with_scopes(users: HubUsers) -> None:
         assert d.outcome is Outcome.ACCEPT
         assert d.ok
         assert (d.user, d.reason, d.code) == (users.alice, "ok", "ok")
-        assert f"read:users!user={users.alice}" in d.scopes
-        assert f"access:servers!user={users.alice}" in d.scopes
+        assert d.scopes == {
+            f"custom:jobtunnel:connect!user={users.alice}",
+            f"read:users:name!user={users.alice}",
+            f"read:users:groups!user={users.alice}",
+        }
         assert v.available
         assert users.alice_token not in repr(d)
 
@@ -200,19 +212,71 @@ async def test_revalidate_sees_revocation_despite_positive_cache(users: HubUsers
 
 @pytest.mark.slow
 async def test_required_scopes(users: HubUsers) -> None:
-    hub = users.hub
+    hub, full = users.hub, users.alice_full_token
     narrow, _ = users.new_token(users.alice, scopes=[f"read:users:name!user={users.alice}"])
-    async with hub_verifier(hub.api_url, required_scopes=["access:servers"]) as v:
+    d = await _verify_once(hub.api_url, users.alice, narrow)  # the default: the tunnel scope
+    assert (d.outcome, d.code) == (Outcome.REJECT, "missing_scope")
+    assert f"custom:jobtunnel:connect!user={users.alice}" in d.reason
+    assert "ensure_token_secret" in d.reason
+    assert d.for_the_client
+    broad_ok = {"allow_broad_tokens": True}
+    async with hub_verifier(hub.api_url, required_scopes=["access:servers"], **broad_ok) as v:
         # the hub answers "access:servers!user=alice": a filtered form satisfies the requirement
-        assert (await v.verify(users.alice, users.alice_token)).ok
+        assert (await v.verify(users.alice, full)).ok
         d = await v.verify(users.alice, narrow)
         assert d.outcome is Outcome.REJECT
-        assert (d.code, d.reason) == ("missing_scope", "missing scope 'access:servers'")
-    async with hub_verifier(hub.api_url, required_scopes=["access:servers!user={user}"]) as v:
-        assert (await v.verify(users.alice, users.alice_token)).ok
-    async with hub_verifier(hub.api_url, required_scopes=["admin:users"]) as v:
-        assert (await v.verify(users.alice, users.alice_token)).code == "missing_scope"
-        assert (await v.verify(users.root, users.root_token)).ok
+        assert d.code == "missing_scope"
+        assert d.reason.startswith("missing scope 'access:servers'")
+    async with hub_verifier(
+        hub.api_url, required_scopes=["access:servers!user={user}"], **broad_ok
+    ) as v:
+        assert (await v.verify(users.alice, full)).ok
+    async with hub_verifier(hub.api_url, required_scopes=["admin:users"], **broad_ok) as v:
+        assert (await v.verify(users.alice, full)).code == "missing_scope"
+        root_full, _ = users.new_token(users.root, scopes=None)
+        assert (await v.verify(users.root, root_full)).ok
+
+
+async def _verify_once(api_url: str, user: str, token: str, **kwargs: Any) -> AuthDecision:
+    async with hub_verifier(api_url, **kwargs) as v:
+        return await v.verify(user, token)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "scopes",
+    [
+        None,  # the hub's default: inherit, everything alice may do
+        ["inherit"],
+        ["access:servers!user"],
+        ["tokens!user", "custom:jobtunnel:connect!user"],
+        ["custom:jobtunnel:connect!user", "read:users!user"],
+    ],
+)
+async def test_tokens_that_can_do_more_are_refused_by_default(
+    users: HubUsers, scopes: list[str] | None
+) -> None:
+    token, _ = users.new_token(users.alice, scopes=scopes)
+    d = await _verify_once(users.hub.api_url, users.alice, token)
+    assert (d.outcome, d.code) == (Outcome.REJECT, "broad_token"), d
+    assert d.reason.startswith("token can do more than open tunnels ("), d.reason
+    # It says how to get the right one, and never shows the token.
+    assert f"only custom:jobtunnel:connect!user={users.alice}" in d.reason
+    assert "ensure_token_secret" in d.reason
+    assert token not in d.reason
+    assert d.for_the_client
+    # The simple-site opt-out: accepted when it holds the required scope.
+    if scopes is None or "custom:jobtunnel:connect!user" in scopes or scopes == ["inherit"]:
+        loose = await _verify_once(users.hub.api_url, users.alice, token, allow_broad_tokens=True)
+        assert loose.ok, loose
+
+
+@pytest.mark.slow
+async def test_an_admins_full_token_is_refused_and_names_what_it_can_do(users: HubUsers) -> None:
+    token, _ = users.new_token(users.root, scopes=None)
+    d = await _verify_once(users.hub.api_url, users.root, token)
+    assert d.code == "broad_token"
+    assert "admin:" in d.reason or "access:servers" in d.reason, d.reason
 
 
 def test_scope_rule() -> None:
@@ -662,3 +726,20 @@ async def test_authenticator_with_hub_never_logs_token(users: HubUsers) -> None:
             for s in family.samples:
                 assert users.alice_token not in repr(s)
                 assert garbage not in repr(s)
+
+
+def test_broader_scopes_rule() -> None:
+    allowed = ["custom:jobtunnel:connect!user={user}", "read:users:name", "read:users:groups"]
+    narrow = {"custom:jobtunnel:connect!user=alice", "read:users:name!user=alice"}
+    assert broader_scopes(narrow, allowed, "alice") == []
+    # The same scope filtered to someone else, or unfiltered, is broader than alice's own.
+    assert broader_scopes({"custom:jobtunnel:connect!user=bob"}, allowed, "alice") == [
+        "custom:jobtunnel:connect!user=bob"
+    ]
+    assert broader_scopes({"custom:jobtunnel:connect"}, allowed, "alice") == [
+        "custom:jobtunnel:connect"
+    ]
+    # Unknown scopes are broader: an allow-list, not a list of known dangers.
+    assert broader_scopes({"read:users:name", "custom:other:thing"}, allowed) == [
+        "custom:other:thing"
+    ]

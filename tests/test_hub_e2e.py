@@ -27,10 +27,10 @@ import asyncssh
 import pytest
 from structlog.testing import capture_logs
 
-from daemons.agent.session import probe
+from daemons.agent.session import AgentIdentity, AgentSession, probe
 from shared import hostkeys
 from shared.auth import HubVerifier
-from shared.config import HostPort
+from shared.config import HostPort, Secret
 from shared.metrics import new_registry
 from tests.harness import (
     Process,
@@ -77,7 +77,7 @@ class Hub:
     def user(self, base: str, *, admin: bool = False) -> HubUser:
         name = f"e2e-{base}-{self.suffix}"
         self.hub.create_user(name, admin=admin)
-        token, token_id = self.hub.create_token(name, note="jobtunnel e2e")
+        token, token_id = self.hub.create_tunnel_token(name, note="jobtunnel e2e")
         return HubUser(name, token, token_id)
 
     async def revoke(self, user: HubUser) -> None:
@@ -302,6 +302,43 @@ async def test_refusals_with_reasons(tmp_path: Path, hub: Hub) -> None:
         )
         assert await login_works(fw, alice.name, alice.token)
         assert await login_works(fw, root.name, root.token)
+
+
+async def test_a_full_power_token_is_refused_and_the_agent_is_told_how_to_fix_it(
+    tmp_path: Path, hub: Hub
+) -> None:
+    # What a job carried before: the user's whole token (what the hub gives by default, and
+    # what a single-user server holds). Stolen from a job, it was the user's account.
+    alice = hub.user("alice")
+    full, _ = await anyio.to_thread.run_sync(hub.hub.create_token, alice.name)
+    async with hub_forwarder(tmp_path, hub) as fw:
+        with capture_logs() as logs:
+            await login_refused(fw, alice.name, full)
+        e = auth_event(logs, alice.name)
+        assert (e["outcome"], e["code"]) == ("reject", "broad_token"), e
+        assert "access:servers" in e["reason"] or "tokens" in e["reason"], e
+        assert full not in str(logs)
+
+        # The real agent hears why (an SSH auth banner) and says it in its log.
+        async with anyio.create_task_group() as tg:
+            settings = agent_for(fw, HubUser(alice.name, full, ""), free_port())
+            session = AgentSession(
+                settings, AgentIdentity(instance_id="x" * 16, private_ip="127.0.0.1"), Secret(full)
+            )
+            with capture_logs() as agent_logs:
+                tg.start_soon(session.run, ["scheduler"])
+                told = await wait_for(
+                    lambda: events(agent_logs, "forwarder refused this token"),
+                    what="the agent to log the forwarder's reason",
+                )
+                tg.cancel_scope.cancel()
+        assert "custom:jobtunnel:connect!user=" + alice.name in told[0]["reason"]
+        assert "ensure_token_secret" in told[0]["reason"]
+        assert full not in str(agent_logs)
+        assert not session.state.published
+
+        # The tunnel-only token (what jobtunnel.dask mints) gets in.
+        assert await login_works(fw, alice.name, alice.token)
 
 
 class Pinned(asyncssh.SSHClient):

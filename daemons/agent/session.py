@@ -66,7 +66,14 @@ class _Fatal(Exception):
         self.code = code
 
 
-class _HostKeyCheck(asyncssh.SSHClient):
+class _Client(asyncssh.SSHClient):
+    """What the forwarder says during login (why a token was refused) goes to the log."""
+
+    def auth_banner_received(self, msg: str, lang: str) -> None:
+        log.error("forwarder refused this token", reason=msg.strip()[:1000])
+
+
+class _HostKeyCheck(_Client):
     """Pins the forwarder's host key by fingerprint: no trust on first use."""
 
     def __init__(self, pinned: str) -> None:
@@ -245,6 +252,7 @@ class AgentSession:
             "encoding": None,
             "encryption_algs": list(hostkeys.CIPHERS),
             "compression_algs": None,  # the payload is mostly already compressed or tiny
+            "client_factory": _Client,
         }
         if s.host_key_fingerprint:
             options["known_hosts"] = ([], [], [])  # trust nothing, ask the client factory

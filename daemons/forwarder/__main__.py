@@ -41,6 +41,7 @@ def build_verifier(settings: ForwarderSettings, registry: CollectorRegistry) -> 
             cache_ttl=settings.auth_cache_ttl,
             negative_cache_ttl=settings.auth_negative_cache_ttl,
             required_scopes=settings.hub_required_scopes,
+            allow_broad_tokens=settings.hub_allow_broad_tokens,
             registry=registry,
         )
     assert settings.token_file is not None

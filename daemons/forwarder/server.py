@@ -351,6 +351,8 @@ class _Connection(asyncssh.SSHServer):
         decision = await self.fw.authenticator.login(username, password, self.peer_host)
         if decision.ok:
             self.token = Secret(password)
+        elif decision.for_the_client and self.conn is not None:
+            self.conn.send_auth_banner(decision.reason + "\r\n")
         return decision.ok
 
     def auth_completed(self) -> None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared import config as c
+from shared.auth import CONNECT_SCOPE
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,7 +20,10 @@ class ForwarderSettings:
     hub_ca_bundle: Path | None = c.option(c.optional_path, None)
     hub_verify_tls: bool = c.option(c.boolean, True)
     hub_timeout: float = c.option(c.positive_float, 5.0)
-    hub_required_scopes: tuple[str, ...] = c.option(c.string_list, ())
+    #: A job's token must hold these (the hub's custom tunnel-only scope by default)...
+    hub_required_scopes: tuple[str, ...] = c.option(c.string_list, (CONNECT_SCOPE,))
+    #: ...and nothing beyond them and the identity scopes, unless this is true.
+    hub_allow_broad_tokens: bool = c.option(c.boolean, False)
     auth_cache_ttl: float = c.option(c.positive_float, 60.0)
     auth_negative_cache_ttl: float = c.option(c.positive_float, 10.0)
     auth_max_failures: int = c.option(c.positive_int, 10)
