@@ -9,14 +9,16 @@ agent's own settings loader; the slow ones run the real Dask operator on a real 
 from __future__ import annotations
 
 import ast
+import asyncio
 import base64
 import copy
 import importlib
 import json
-import os
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -31,12 +33,14 @@ from kubernetes_asyncio import client
 from daemons.agent.settings import AgentSettings
 from jobtunnel import dask as jd
 from shared import config
+from shared.auth import AuthDecision, HubVerifier
 from tests.dask_operator import (
     VIRTUAL_NODE,
     VIRTUAL_NODE_TAINT,
     DaskOperator,
     dask_operator,  # noqa: F401
 )
+from tests.jupyterhub import JupyterHub, jupyterhub  # noqa: F401
 from tests.kube import KubeAPIServer, kube_api  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -503,12 +507,8 @@ def test_ensure_token_secret_with_the_documented_rbac(
                 raise
             time.sleep(0.1)
     assert written() == SENTINEL_TOKEN
-    # A new server start, a new token: the same Secret is updated.
-    os.environ["JUPYTERHUB_API_TOKEN"] = "second-" + SENTINEL_TOKEN
-    try:
-        assert jd.ensure_token_secret(ns, kubeconfig=kubeconfig) == ns
-    finally:
-        del os.environ["JUPYTERHUB_API_TOKEN"]
+    # Another token of the site's making: the same Secret is updated.
+    assert jd.ensure_token_secret(ns, token="second-" + SENTINEL_TOKEN, kubeconfig=kubeconfig) == ns
     assert written() == "second-" + SENTINEL_TOKEN
     # The rights stop there: another Secret name cannot be overwritten once it exists.
     status, _ = kube_api.request(
@@ -527,3 +527,116 @@ def test_user_named_for_the_reconciler_label_only_when_valid() -> None:
     odd = spec(user="alice@example.org")
     assert odd["metadata"]["annotations"][jd.USER_KEY] == "alice@example.org"
     assert jd.USER_KEY not in odd["metadata"].get("labels", {})
+
+
+def hub_user_model(hub: JupyterHub, token: str) -> tuple[int, Any]:
+    request = urllib.request.Request(  # noqa: S310 - the test hub
+        f"{hub.api_url}/user", headers={"Authorization": f"token {token}"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:  # noqa: S310
+            return int(resp.status), json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), None
+
+
+async def forwarder_decision(hub: JupyterHub, user: str, token: str) -> AuthDecision:
+    """What a forwarder with default settings decides for this token."""
+    verifier = HubVerifier(hub.api_url)
+    try:
+        return await verifier.verify(user, token)
+    finally:
+        await verifier.aclose()
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Kubernetes version .* is not supported:UserWarning")
+def test_ensure_token_secret_mints_renews_and_revokes_tunnel_only_tokens(
+    kube_api: KubeAPIServer,  # noqa: F811
+    jupyterhub: JupyterHub,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    suffix = uuid.uuid4().hex[:8]
+    ns, user = f"jupyter-{suffix}", f"minter-{suffix}"
+    jupyterhub.create_user(user)
+    # The notebook's own token, as configs/jupyterhub/jupyterhub_config.py's server role has it.
+    server_token, _ = jupyterhub.create_token(
+        user, scopes=["users:activity!user", f"access:servers!server={user}/", "tokens!user"]
+    )
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", server_token)
+    monkeypatch.setenv("JUPYTERHUB_API_URL", jupyterhub.api_url)
+    monkeypatch.setenv("JUPYTERHUB_USER", user)
+    sa_token = kube_api.service_account_token(ns, "default")
+    kubeconfig = str(kube_api.write_kubeconfig(tmp_path / "sa.kubeconfig", sa_token, namespace=ns))
+    apply_rbac(kube_api, ns, "default")
+
+    def stored() -> tuple[str, dict[str, str]]:
+        status, secret = read_secret(kube_api, ns, "jobtunnel-token")
+        assert status == 200, secret
+        assert set(secret["data"]) == {"token"}
+        return base64.b64decode(secret["data"]["token"]).decode(), secret["metadata"].get(
+            "annotations", {}
+        )
+
+    # The RBAC is applied asynchronously by the authorizer's informer: retry briefly.
+    started = time.time()
+    for attempt in range(50):
+        try:
+            assert jd.ensure_token_secret(ns, kubeconfig=kubeconfig) == ns
+            break
+        except PermissionError:
+            if attempt == 49:
+                raise
+            time.sleep(0.1)
+    first, notes = stored()
+    assert first != server_token  # the notebook's own token never leaves the notebook
+    expires = float(notes[jd.TOKEN_EXPIRES_KEY])
+    assert started + jd.TOKEN_LIFETIME - 120 < expires < time.time() + jd.TOKEN_LIFETIME + 120
+    status, model = hub_user_model(jupyterhub, first)
+    assert status == 200
+    assert model["token_id"] == notes[jd.TOKEN_ID_KEY]
+    assert set(model["scopes"]) == {
+        f"custom:jobtunnel:connect!user={user}",
+        f"read:users:name!user={user}",
+        f"read:users:groups!user={user}",
+    }
+    # A forwarder with default settings takes the minted token, and not the notebook's own.
+    assert asyncio.run(forwarder_decision(jupyterhub, user, first)).ok
+    assert asyncio.run(forwarder_decision(jupyterhub, user, server_token)).code == "broad_token"
+
+    # Kept while it has more than renew_before left: no new token at every cluster start.
+    assert jd.ensure_token_secret(ns, kubeconfig=kubeconfig) == ns
+    assert stored()[0] == first
+    # Renewed when closer to its expiry than that; the old one is revoked at the hub.
+    jd.ensure_token_secret(ns, kubeconfig=kubeconfig, renew_before=jd.TOKEN_LIFETIME + 3600)
+    second, notes2 = stored()
+    assert second != first
+    assert notes2[jd.TOKEN_ID_KEY] != notes[jd.TOKEN_ID_KEY]
+    assert hub_user_model(jupyterhub, first)[0] == 403
+    assert hub_user_model(jupyterhub, second)[0] == 200
+
+    # A hub without the server role's tokens!user refuses to mint: a clear error, no token shown.
+    weak, _ = jupyterhub.create_token(user, scopes=["users:activity!user"])
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", weak)
+    with pytest.raises(PermissionError, match=r"jupyterhub_config\.py") as refused:
+        jd.ensure_token_secret(ns, kubeconfig=kubeconfig, renew_before=jd.TOKEN_LIFETIME + 3600)
+    assert weak not in str(refused.value)
+    assert stored()[0] == second  # nothing lost: the Secret keeps the last good token
+
+
+def test_hub_config_and_z2jh_values_define_the_same_scope_and_roles() -> None:
+    from traitlets.config import Config
+
+    from tests.jupyterhub import SITE_CONFIG
+
+    c = Config()
+    exec(compile(SITE_CONFIG.read_text(), str(SITE_CONFIG), "exec"), {"get_config": lambda: c})  # noqa: S102
+    roles = {r["name"]: r for r in c.JupyterHub.load_roles.get_value([])}
+    values = yaml.safe_load((CONFIGS / "z2jh-values.yaml").read_text())["hub"]
+    assert values["config"]["JupyterHub"]["custom_scopes"] == c.JupyterHub.custom_scopes
+    assert set(values["loadRoles"]) == set(roles) == {"user", "server"}
+    for name, role in values["loadRoles"].items():
+        assert role["scopes"] == roles[name]["scopes"], name
+    assert "custom:jobtunnel:connect!user" in roles["user"]["scopes"]
+    assert jd.TUNNEL_SCOPES == ("custom:jobtunnel:connect!user",)

@@ -19,9 +19,10 @@ import anyio
 from prometheus_client import Gauge
 
 from daemons.agent import identity as job_identity
+from daemons.agent.secrecy import child_environment, is_undumpable
 from daemons.agent.session import AgentIdentity, AgentSession
 from daemons.agent.settings import AgentSettings
-from daemons.agent.supervisor import FORWARDED_SIGNALS, Child, child_environment
+from daemons.agent.supervisor import FORWARDED_SIGNALS, Child
 from shared import logs
 from shared import protocol as p
 from shared.daemon import load_settings
@@ -104,6 +105,8 @@ async def serve(settings: AgentSettings, command: list[str]) -> int:
         pod=f"{identity.pod.namespace}/{identity.pod.name}" if identity.pod else None,
         private_ip=identity.private_ip,
         command=command or None,
+        # Non-dumpable: processes of the job's uid can't read our memory or environ.
+        undumpable=is_undumpable(),
     )
     status = 0
     async with contextlib.AsyncExitStack() as stack:

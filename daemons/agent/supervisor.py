@@ -72,8 +72,3 @@ class Child:
             return await self.wait()
         self.send_signal(signal.SIGKILL)
         return await self.wait()
-
-
-def child_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    """The child's environment: ours, minus the hub token it has no use for."""
-    return {k: v for k, v in environ.items() if k != "JUPYTERHUB_API_TOKEN"}
