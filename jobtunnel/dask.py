@@ -460,8 +460,10 @@ async def _read_secret(
     """The Secret's jobtunnel annotations, or None when it does not exist yet."""
     import kr8s
 
+    # A GET by name (refresh), which RBAC can grant for this one Secret; kr8s' get() lists.
+    secret = await secret_cls({"metadata": {"name": name}}, namespace=namespace, api=api)
     try:
-        secret = await secret_cls.get(name, namespace=namespace, api=api)
+        await secret.refresh()
     except kr8s.NotFoundError:
         return None
     except kr8s.ServerError as exc:
@@ -577,8 +579,8 @@ def _secret_error(
     if status == 403:
         return PermissionError(
             f"not allowed to {verb} Secret {namespace}/{name}: the notebook's service account "
-            "needs the Role in configs/jupyterhub/rbac.yaml (create on secrets, patch on "
-            f"{name}), or your administrator creates the Secret for you"
+            "needs the Role in configs/jupyterhub/rbac.yaml (create on secrets, get and patch "
+            f"on {name}), or your administrator creates the Secret for you"
         )
     return RuntimeError(f"could not {verb} Secret {namespace}/{name}: HTTP {status}: {exc}")
 
