@@ -508,6 +508,7 @@ def start_jobtunnel(procs: Procs, work: Path, service_port: int) -> Path_:
     (work / "agent_token").chmod(0o600)
     host_key = hostkeys.load_or_generate(work / "jt_host_key")
     ssh_port, http_port, listen_port = free_port(), free_port(), free_port()
+    admin_port = free_port()
     base = {k: v for k, v in os.environ.items() if not k.startswith(("JOBTUNNEL_", "JUPYTERHUB_"))}
     procs.start(
         "forwarder",
@@ -516,6 +517,7 @@ def start_jobtunnel(procs: Procs, work: Path, service_port: int) -> Path_:
         | {
             "JOBTUNNEL_LISTEN": f"{LOOPBACK}:{ssh_port}",
             "JOBTUNNEL_HTTP": f"{LOOPBACK}:{http_port}",
+            "JOBTUNNEL_ADMIN_HTTP": f"{LOOPBACK}:{admin_port}",
             "JOBTUNNEL_HOST_KEY": str(work / "jt_host_key"),
             "JOBTUNNEL_AUTH": "token-file",
             "JOBTUNNEL_TOKEN_FILE": str(work / "tokens"),
@@ -523,7 +525,7 @@ def start_jobtunnel(procs: Procs, work: Path, service_port: int) -> Path_:
             "JOBTUNNEL_SERVICE_HOST": LOOPBACK,
         },
     )
-    url = f"http://{LOOPBACK}:{http_port}/tunnels"
+    url = f"http://{LOOPBACK}:{admin_port}/tunnels"
 
     def tunnels() -> Any:
         with urllib.request.urlopen(url, timeout=5) as resp:

@@ -106,12 +106,13 @@ def main() -> int:
     (work / "tokens").write_text(f"# user token\ndemo {token}\n")
     (work / "tokens").chmod(0o600)
     host_key = hostkeys.load_or_generate(work / "host_key")
-    ssh_port, http_port, sched_port, dash_port = (free_port() for _ in range(4))
+    ssh_port, http_port, admin_port, sched_port, dash_port = (free_port() for _ in range(5))
     base = {k: v for k, v in os.environ.items() if not k.startswith(("JOBTUNNEL_", "JUPYTERHUB_"))}
 
     fw_env = base | {
         "JOBTUNNEL_LISTEN": f"127.0.0.1:{ssh_port}",
         "JOBTUNNEL_HTTP": f"127.0.0.1:{http_port}",
+        "JOBTUNNEL_ADMIN_HTTP": f"127.0.0.1:{admin_port}",
         "JOBTUNNEL_HOST_KEY": str(work / "host_key"),
         "JOBTUNNEL_AUTH": "token-file",
         "JOBTUNNEL_TOKEN_FILE": str(work / "tokens"),
@@ -129,7 +130,7 @@ def main() -> int:
         str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(sched_port),
         "--dashboard-address", f"127.0.0.1:{dash_port}",
     ]  # fmt: skip
-    tunnels_url = f"http://127.0.0.1:{http_port}/tunnels"
+    tunnels_url = f"http://127.0.0.1:{admin_port}/tunnels"
     say(f"working directory {work}")
     with contextlib.ExitStack() as stack:
         procs: dict[str, subprocess.Popen[bytes]] = {}

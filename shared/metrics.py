@@ -1,4 +1,4 @@
-"""The daemons' small HTTP face: ``/metrics``, ``/healthz``, ``/readyz`` and JSON routes.
+"""The daemons' small HTTP face: ``/metrics``, ``/healthz``, ``/readyz``, and JSON routes.
 
 Liveness and readiness are separate on purpose: ``/healthz`` only says the
 event loop answers (a restart would help), ``/readyz`` says whether the daemon
@@ -78,6 +78,22 @@ async def serve_http(
 ) -> AsyncIterator[HostPort]:
     """Serve the app while the block runs; yields the bound address (port 0 resolved)."""
     app = build_app(registry, ready_checks=ready_checks, json_routes=json_routes)
+    async with _serve(app, address) as bound:
+        yield bound
+
+
+@asynccontextmanager
+async def serve_json(address: HostPort, routes: Mapping[str, JsonRoute]) -> AsyncIterator[HostPort]:
+    """Only ``routes``, e.g. an admin listener apart from the metrics one."""
+    app = web.Application()
+    for route, producer in routes.items():
+        app.router.add_get(route, _json_handler(producer))
+    async with _serve(app, address) as bound:
+        yield bound
+
+
+@asynccontextmanager
+async def _serve(app: web.Application, address: HostPort) -> AsyncIterator[HostPort]:
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     try:

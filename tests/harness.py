@@ -86,8 +86,9 @@ def http_get(url: str, timeout: float = 10.0) -> tuple[int, bytes]:
         return int(exc.code), bytes(exc.read())
 
 
-def get_tunnels(http: HostPort) -> list[dict[str, Any]]:
-    status, body = http_get(f"http://{http}/tunnels")
+def get_tunnels(admin: HostPort) -> list[dict[str, Any]]:
+    """``/tunnels`` from a standalone forwarder's admin address."""
+    status, body = http_get(f"http://{admin}/tunnels")
     assert status == 200, body
     result: list[dict[str, Any]] = json.loads(body)
     return result
@@ -106,6 +107,7 @@ class RunningForwarder:
     http: HostPort
     fingerprint: str
     host_key_path: Path
+    admin: HostPort | None = None  # /tunnels, standalone mode only
 
     def tunnels(self) -> list[dict[str, Any]]:
         return self.forwarder.tunnels()
@@ -121,6 +123,7 @@ def forwarder_settings(tmp: Path, **overrides: Any) -> ForwarderSettings:
     base: dict[str, Any] = {
         "listen": HostPort("127.0.0.1", 0),
         "http": HostPort("127.0.0.1", 0),
+        "admin_http": HostPort("127.0.0.1", 0),
         "host_key": tmp / "host_key",
         "auth": "token-file",
         "token_file": tmp / "tokens",
@@ -157,13 +160,18 @@ async def running_forwarder(
         publisher=publisher if publisher is not None else MemoryPublisher(),
     )
     async with (
-        serve_forwarder_http(forwarder, registry) as http,
+        serve_forwarder_http(forwarder, registry) as (http, admin),
         anyio.create_task_group() as tg,
     ):
         ssh = await tg.start(forwarder.run)
         try:
             yield RunningForwarder(
-                forwarder, ssh, http, hostkeys.fingerprint(forwarder.host_key), settings.host_key
+                forwarder,
+                ssh,
+                http,
+                hostkeys.fingerprint(forwarder.host_key),
+                settings.host_key,
+                admin,
             )
         finally:
             tg.cancel_scope.cancel()

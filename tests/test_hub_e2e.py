@@ -619,10 +619,12 @@ async def test_processes_with_hub_auth(tmp_path: Path, hub: Hub) -> None:
     garbage = "jt" + uuid.uuid4().hex
     key = hostkeys.load_or_generate(tmp_path / "host_key")
     ssh, web = HostPort("127.0.0.1", free_port()), HostPort("127.0.0.1", free_port())
+    admin = HostPort("127.0.0.1", free_port())
     low = random.randrange(30000, 31900, 100)
     fw_env = base_env() | {
         "JOBTUNNEL_LISTEN": str(ssh),
         "JOBTUNNEL_HTTP": str(web),
+        "JOBTUNNEL_ADMIN_HTTP": str(admin),
         "JOBTUNNEL_HOST_KEY": str(tmp_path / "host_key"),
         "JOBTUNNEL_AUTH": "hub",
         "JOBTUNNEL_HUB_API_URL": hub.hub.api_url,
@@ -635,8 +637,9 @@ async def test_processes_with_hub_auth(tmp_path: Path, hub: Hub) -> None:
     }
 
     async def get(path: str) -> tuple[int, str]:
+        where = admin if path == "/tunnels" else web
         with contextlib.suppress(OSError):
-            status, body = await anyio.to_thread.run_sync(http_get, f"http://{web}{path}")
+            status, body = await anyio.to_thread.run_sync(http_get, f"http://{where}{path}")
             return status, body.decode(errors="replace")
         return 0, ""
 

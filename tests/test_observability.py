@@ -12,7 +12,10 @@ import anyio
 import pytest
 import structlog
 
+from daemons.forwarder.sessions import MemoryPublisher
+from daemons.forwarder.settings import ForwarderSettings
 from shared import logs
+from shared.config import HostPort
 from tests.harness import (
     agent_settings,
     forwarder_settings,
@@ -86,3 +89,33 @@ async def test_metrics_pass_promtool_and_health_endpoints(tmp_path: Path) -> Non
         assert status == 503
         assert b"draining" in body
         fw.forwarder.draining = False
+
+
+@pytest.mark.anyio
+async def test_tunnels_only_on_the_loopback_admin_address_and_only_standalone(
+    tmp_path: Path,
+) -> None:
+    assert ForwarderSettings.__dataclass_fields__["admin_http"].default == HostPort(
+        "127.0.0.1", 8081
+    )
+    write_token_file(tmp_path / "tokens", {"alice": "alice-token-0123456789"})
+    async with running_forwarder(forwarder_settings(tmp_path)) as fw:
+        assert fw.admin is not None
+        status, body = await anyio.to_thread.run_sync(http_get, f"http://{fw.admin}/tunnels")
+        assert (status, json.loads(body)) == (200, [])
+        # Not beside the metrics, which the cluster scrapes.
+        status, _ = await anyio.to_thread.run_sync(http_get, f"http://{fw.http}/tunnels")
+        assert status == 404
+    kube_mode = forwarder_settings(
+        tmp_path,
+        publish="kubernetes",
+        namespace="jobtunnel",
+        pod_name="forwarder-0",
+        pod_ip="127.0.0.1",
+    )
+    # Kubernetes mode: the Tunnel objects are the interface; no /tunnels anywhere.
+    async with running_forwarder(kube_mode, publisher=MemoryPublisher()) as fw:
+        assert fw.admin is None
+        status, _ = await anyio.to_thread.run_sync(http_get, f"http://{fw.http}/tunnels")
+        assert status == 404
+        assert (await anyio.to_thread.run_sync(http_get, f"http://{fw.http}/readyz"))[0] == 200

@@ -208,9 +208,10 @@ class Forwarder:
     proc: Process
     ssh: HostPort
     http: HostPort
+    admin: HostPort
 
     def tunnels(self) -> list[dict[str, Any]]:
-        return get_tunnels(self.http)
+        return get_tunnels(self.admin)
 
     def metric(self, name: str) -> float:
         return metric(self.http, name)
@@ -223,14 +224,17 @@ def forwarder(
     *,
     ssh_port: int | None = None,
     http_port: int | None = None,
+    admin_port: int | None = None,
     ports: str | None = None,
     **env: str,
 ) -> Iterator[Forwarder]:
     ssh = HostPort("127.0.0.1", ssh_port or free_port())
     http = HostPort("127.0.0.1", http_port or free_port())
+    admin = HostPort("127.0.0.1", admin_port or free_port())
     environ = base_env() | {
         "JOBTUNNEL_LISTEN": str(ssh),
         "JOBTUNNEL_HTTP": str(http),
+        "JOBTUNNEL_ADMIN_HTTP": str(admin),
         "JOBTUNNEL_HOST_KEY": str(keys.host_key),
         "JOBTUNNEL_AUTH": "token-file",
         "JOBTUNNEL_TOKEN_FILE": str(keys.tokens),
@@ -242,7 +246,7 @@ def forwarder(
     }
     environ |= {f"JOBTUNNEL_{k.upper()}": v for k, v in env.items()}
     with process([FORWARDER], log, environ) as proc:
-        fw = Forwarder(proc, ssh, http)
+        fw = Forwarder(proc, ssh, http, admin)
         wait_until(
             _quiet(lambda: http_get(f"http://{http}/readyz")[0] == 200),
             "the forwarder to be ready",

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import dataclasses
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
@@ -25,7 +26,7 @@ from shared.auth import (
 )
 from shared.config import HostPort
 from shared.daemon import load_settings, stop_requested
-from shared.metrics import new_registry, serve_http
+from shared.metrics import new_registry, serve_http, serve_json
 
 log = logs.get_logger("jobtunnel.forwarder")
 
@@ -96,15 +97,28 @@ def build_forwarder(
     )
 
 
-def serve_forwarder_http(
+@contextlib.asynccontextmanager
+async def serve_forwarder_http(
     forwarder: Forwarder, registry: CollectorRegistry
-) -> contextlib.AbstractAsyncContextManager[HostPort]:
-    return serve_http(
-        forwarder.settings.http,
-        registry,
-        ready_checks={"forwarder": forwarder.ready_check},
-        json_routes={"/tunnels": forwarder.tunnels},
-    )
+) -> AsyncIterator[tuple[HostPort, HostPort | None]]:
+    """``/metrics`` and the probes on ``http``; ``/tunnels`` apart, on ``admin_http``.
+
+    ``/tunnels`` lists every user, job, private IP and listener: it is the interface of the
+    standalone mode only, and binds loopback by default. With Kubernetes publishing the
+    Tunnel objects are the interface (RBAC decides who reads them), so it is not served.
+    Yields the bound addresses (``None``: no admin listener).
+    """
+    settings = forwarder.settings
+    async with contextlib.AsyncExitStack() as stack:
+        http = await stack.enter_async_context(
+            serve_http(settings.http, registry, ready_checks={"forwarder": forwarder.ready_check})
+        )
+        admin = None
+        if settings.publish == "memory":
+            admin = await stack.enter_async_context(
+                serve_json(settings.admin_http, {"/tunnels": forwarder.tunnels})
+            )
+        yield http, admin
 
 
 async def serve(settings: ForwarderSettings) -> int:
@@ -121,7 +135,7 @@ async def serve(settings: ForwarderSettings) -> int:
     try:
         async with (
             stack,
-            serve_forwarder_http(forwarder, registry) as http,
+            serve_forwarder_http(forwarder, registry) as (http, admin),
             anyio.create_task_group() as tg,
         ):
             ssh = await tg.start(forwarder.run)
@@ -129,6 +143,7 @@ async def serve(settings: ForwarderSettings) -> int:
                 "ready",
                 ssh=str(ssh),
                 http=str(http),
+                admin_http=str(admin) if admin else None,
                 host_key_fingerprint=hostkeys.fingerprint(forwarder.host_key),
                 auth=settings.auth,
                 publish=settings.publish,

@@ -13,6 +13,8 @@ from shared.auth import CONNECT_SCOPE
 class ForwarderSettings:
     listen: c.HostPort = c.option(c.listen_address, c.HostPort("0.0.0.0", 31022))
     http: c.HostPort = c.option(c.listen_address, c.HostPort("0.0.0.0", 8080))
+    #: ``/tunnels`` (standalone mode only: every user, job and listener), loopback by default.
+    admin_http: c.HostPort = c.option(c.listen_address, c.HostPort("127.0.0.1", 8081))
     host_key: Path = c.option(c.path, Path("/var/lib/jobtunnel/ssh_host_ed25519_key"))
     auth: str = c.option(c.choice("token-file", "hub"), "token-file")
     token_file: Path | None = c.option(c.optional_path, None)
