@@ -27,6 +27,25 @@ class Settings(Protocol):
 S = TypeVar("S", bound=Settings)
 
 
+class ListenError(OSError):
+    """A listener could not bind (a port taken, an address not ours): the daemon stops on it.
+
+    Raised as its own type so the daemon says it in one log line and exits 1, instead of a
+    traceback on stderr.
+    """
+
+    def __init__(self, what: str, address: object, cause: OSError) -> None:
+        super().__init__(cause.errno, f"cannot listen for {what} on {address}: {cause.strerror}")
+
+
+def leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    """The exceptions in a (nested) task-group failure, flattened."""
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
+
+
 def load_settings(prog: str, cls: type[S], config_file: Path | None) -> S:
     """Settings from TOML and the environment, or one line on stderr and exit 2.
 

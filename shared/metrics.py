@@ -16,6 +16,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from shared.config import HostPort
+from shared.daemon import ListenError
 
 # A readiness check returns None when fine, else the reason it is not ready.
 ReadyCheck = Callable[[], str | None]
@@ -98,7 +99,10 @@ async def _serve(app: web.Application, address: HostPort) -> AsyncIterator[HostP
     await runner.setup()
     try:
         site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ListenError("HTTP", address, exc) from None
         server = site._server  # aiohttp keeps the asyncio.Server here
         sockets = getattr(server, "sockets", None) or []
         port = sockets[0].getsockname()[1] if sockets else address.port

@@ -86,8 +86,9 @@ def http_get(url: str, timeout: float = 10.0) -> tuple[int, bytes]:
         return int(exc.code), bytes(exc.read())
 
 
-def get_tunnels(admin: HostPort) -> list[dict[str, Any]]:
+def get_tunnels(admin: HostPort | None) -> list[dict[str, Any]]:
     """``/tunnels`` from a standalone forwarder's admin address."""
+    assert admin is not None, "no admin listener: /tunnels is served in standalone mode only"
     status, body = http_get(f"http://{admin}/tunnels")
     assert status == 200, body
     result: list[dict[str, Any]] = json.loads(body)

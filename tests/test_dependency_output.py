@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import subprocess
 import sys
 import warnings
@@ -99,6 +100,7 @@ def test_running_daemon_logs_warnings_as_json_events(
     env = noisy_env | {
         "JOBTUNNEL_LISTEN": "127.0.0.1:0",
         "JOBTUNNEL_HTTP": http,
+        "JOBTUNNEL_ADMIN_HTTP": "127.0.0.1:0",
         "JOBTUNNEL_HOST_KEY": str(key),
         "JOBTUNNEL_TOKEN_FILE": str(write_token_file(tmp_path / "tokens", {"alice": "t" * 32})),
         "JOBTUNNEL_PORT_RANGE": "30000-30099",
@@ -149,3 +151,27 @@ def test_held_warnings_are_bounded_then_all_logged() -> None:
     assert events[-1]["category"] == "builtins.RuntimeWarning"
     assert events[-1]["module"] == __name__
     assert warnlog.held() == []
+
+
+@pytest.mark.parametrize("listener", ["JOBTUNNEL_LISTEN", "JOBTUNNEL_HTTP", "JOBTUNNEL_ADMIN_HTTP"])
+def test_a_taken_port_stops_the_forwarder_with_one_log_line(tmp_path: Path, listener: str) -> None:
+    key = tmp_path / "host_key"
+    hostkeys.load_or_generate(key)
+    env = base_env() | {
+        "JOBTUNNEL_LISTEN": "127.0.0.1:0",
+        "JOBTUNNEL_HTTP": "127.0.0.1:0",
+        "JOBTUNNEL_ADMIN_HTTP": "127.0.0.1:0",
+        "JOBTUNNEL_HOST_KEY": str(key),
+        "JOBTUNNEL_TOKEN_FILE": str(write_token_file(tmp_path / "tokens", {"alice": "t" * 32})),
+    }
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env[listener] = f"127.0.0.1:{taken.getsockname()[1]}"
+        result = run([str(BIN / "jobtunnel-forwarder")], env, tmp_path)
+    assert result.returncode == 1, result.stderr
+    events = [json.loads(line) for line in result.stderr.splitlines()]  # no traceback
+    (error,) = [e for e in events if e["level"] == "error"]
+    assert error["event"] == "stopped: cannot listen"
+    assert env[listener] in error["error"]
+    assert "in use" in error["error"]

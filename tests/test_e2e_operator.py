@@ -58,7 +58,6 @@ from tests.harness import (
     dask_scheduler_argv,
     forwarder_settings,
     free_port,
-    get_tunnels,
     http_get,
     process,
     running_agent,
@@ -424,8 +423,8 @@ async def _clean_namespace(api: client.ApiClient, operator: DaskOperator, ns: st
 
 
 async def tunnels_json(fw: RunningForwarder) -> list[dict[str, Any]]:
-    """The forwarder's ``/tunnels`` over HTTP (in a thread: the server runs in this loop)."""
-    return await anyio.to_thread.run_sync(get_tunnels, fw.http)
+    """The forwarder's sessions as ``/tunnels`` renders them (not served in Kubernetes mode)."""
+    return fw.tunnels()
 
 
 async def listener_ports(fw: RunningForwarder, session: AgentSession) -> dict[str, int]:

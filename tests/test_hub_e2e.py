@@ -132,7 +132,7 @@ async def http(fw: RunningForwarder, path: str) -> tuple[int, str]:
 
 
 async def tunnels(fw: RunningForwarder) -> list[dict[str, Any]]:
-    return await anyio.to_thread.run_sync(get_tunnels, fw.http)
+    return await anyio.to_thread.run_sync(get_tunnels, fw.admin)
 
 
 def metric(text: str, name: str, **labels: str) -> float | None:

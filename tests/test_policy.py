@@ -107,7 +107,7 @@ async def refusals(fw: RunningForwarder, kind: str) -> float:
 
 
 async def tunnels(fw: RunningForwarder) -> list[dict[str, Any]]:
-    return await anyio.to_thread.run_sync(get_tunnels, fw.http)
+    return await anyio.to_thread.run_sync(get_tunnels, fw.admin)
 
 
 LogEntry = MutableMapping[str, Any]

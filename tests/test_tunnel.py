@@ -78,7 +78,7 @@ async def test_service_reachable_through_tunnel_and_listed(tmp_path: Path) -> No
             ),
         ) as agent,
     ):
-        tunnels = await anyio.to_thread.run_sync(get_tunnels, fw.http)
+        tunnels = await anyio.to_thread.run_sync(get_tunnels, fw.admin)
         assert len(tunnels) == 1
         (tunnel,) = tunnels
         assert tunnel["user"] == "alice"

@@ -21,6 +21,7 @@ from daemons.agent.settings import AgentSettings
 from shared import hostkeys
 from shared import protocol as p
 from shared.config import ConfigError, Secret
+from shared.daemon import leaves
 from shared.logs import get_logger, redactor
 
 log = get_logger("jobtunnel.agent")
@@ -91,13 +92,6 @@ class _HostKeyCheck(_Client):
         return False
 
 
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    out: list[BaseException] = []
-    for exc in group.exceptions:
-        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return out
-
-
 async def _unwrapped(attempt: Awaitable[None]) -> None:
     """Re-raise a task group's failure as one exception, so ``except`` clauses can see it.
 
@@ -107,11 +101,11 @@ async def _unwrapped(attempt: Awaitable[None]) -> None:
     try:
         await attempt
     except BaseExceptionGroup as group:
-        leaves = _leaves(group)
-        if not all(isinstance(leaf, Exception) for leaf in leaves):
+        failures = leaves(group)
+        if not all(isinstance(leaf, Exception) for leaf in failures):
             raise
-        explained = [leaf for leaf in leaves if isinstance(leaf, _Drained | _Fatal)]
-        raise (explained or leaves)[0] from None
+        explained = [leaf for leaf in failures if isinstance(leaf, _Drained | _Fatal)]
+        raise (explained or failures)[0] from None
 
 
 def _address(host: str, port: int) -> str:

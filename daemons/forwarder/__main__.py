@@ -25,7 +25,7 @@ from shared.auth import (
     TokenVerifier,
 )
 from shared.config import HostPort
-from shared.daemon import load_settings, stop_requested
+from shared.daemon import ListenError, leaves, load_settings, stop_requested
 from shared.metrics import new_registry, serve_http, serve_json
 
 log = logs.get_logger("jobtunnel.forwarder")
@@ -132,6 +132,7 @@ async def serve(settings: ForwarderSettings) -> int:
         log.error("cannot publish to kubernetes", error=str(exc))
         return 2
     forwarder = build_forwarder(settings, registry, verifier=verifier, publisher=publisher)
+    unbound: list[BaseException] = []
     try:
         async with (
             stack,
@@ -152,11 +153,17 @@ async def serve(settings: ForwarderSettings) -> int:
             with anyio.move_on_after(settings.drain_timeout + 5):
                 await forwarder.drain()
             tg.cancel_scope.cancel()
+    except* ListenError as group:
+        unbound.extend(leaves(group))
     finally:
         aclose = getattr(verifier, "aclose", None)
         if aclose is not None:
             with anyio.CancelScope(shield=True):
                 await aclose()
+    for failure in unbound:
+        log.error("stopped: cannot listen", error=str(failure))
+    if unbound:
+        return 1
     log.info("stopped")
     return 0
 

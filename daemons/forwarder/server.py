@@ -40,6 +40,7 @@ from shared import hostkeys
 from shared import protocol as p
 from shared.auth import Authenticator
 from shared.config import HostPort, Secret
+from shared.daemon import ListenError
 from shared.logs import get_logger
 
 log = get_logger("jobtunnel.forwarder")
@@ -117,7 +118,7 @@ class Forwarder:
         async with anyio.create_task_group() as tg:
             self._tg = tg
             await tg.start(self.publisher.run, self.end_session)
-            self._server = await asyncssh.create_server(
+            self._server = await _listen(
                 lambda: _Connection(self),
                 s.listen.host,
                 s.listen.port,
@@ -753,3 +754,10 @@ def _reason_code(reason: str) -> str:
         if reason.startswith(prefix):
             return code
     return "disconnected"
+
+
+async def _listen(factory: Any, host: str, port: int, **options: Any) -> asyncssh.SSHAcceptor:
+    try:
+        return await asyncssh.create_server(factory, host, port, **options)
+    except OSError as exc:
+        raise ListenError("SSH", HostPort(host, port), exc) from None
