@@ -54,6 +54,9 @@ class LogSummary:
             else:
                 self._windows[key] = _Window(now)
                 return True
+        if now - window.started >= self.interval and not window.suppressed:
+            window.started = now  # a quiet key: nothing held back, a new interval begins
+            return True
         window.suppressed += 1
         return False
 

@@ -9,9 +9,10 @@ What is trusted, and why:
   /64): :func:`source_group` folds IPv6 to its /64 so one host cannot pose as millions.
 - Pre-auth slots are a shared pool. OpenSSH's MaxStartups refuses newcomers when it is full,
   which lets a flood of idle connections lock every real user out. :class:`PreAuthAdmission`
-  instead always admits the newcomer and evicts the oldest connection that has not even
-  started authenticating (a real client asks to authenticate within one key exchange, tens of
-  milliseconds; an idle flood does not), first within the newcomer's own source group
+  instead always admits the newcomer and evicts the oldest of the least advanced connections
+  (said nothing < sent its SSH version < asked to authenticate: a real client is past the
+  first within a round trip and asks to authenticate within one key exchange, an idle flood
+  never does), first within the newcomer's own source group
   (``max_per_source``), then in the whole pool (``max_total``). A flood can then only churn
   itself; the limit that remains is a flood of full key exchanges from many addresses, which
   costs the attacker as much CPU as us and is bounded by ``login_timeout``.
@@ -45,7 +46,11 @@ __all__ = [
 
 
 class PreAuthPeer(Protocol):
-    """What admission needs of a connection: a way to end it."""
+    """What admission needs of a connection: how far it got, and a way to end it."""
+
+    def preauth_progress(self) -> int:
+        """0: said nothing, 1: sent its SSH version, 2: asked to authenticate."""
+        ...
 
     def evict(self, reason: str) -> None: ...
 
@@ -54,7 +59,6 @@ class PreAuthPeer(Protocol):
 class _Slot:
     peer: PreAuthPeer
     source: str
-    started_auth: bool = False
 
 
 class PreAuthAdmission:
@@ -90,12 +94,6 @@ class PreAuthAdmission:
         self.evictions += len(victims)
         return victims
 
-    def started_auth(self, peer: PreAuthPeer) -> None:
-        """The peer asked to authenticate: evicted only once no idle connection is left."""
-        slot = self._slots.get(peer)
-        if slot is not None:
-            slot.started_auth = True
-
     def leave(self, peer: PreAuthPeer) -> bool:
         """``peer`` authenticated or went away; False if it held no slot (e.g. evicted)."""
         if peer not in self._slots:
@@ -104,16 +102,18 @@ class PreAuthAdmission:
         return True
 
     def _oldest(self, match: Callable[[_Slot], bool]) -> PreAuthPeer:
-        fallback: PreAuthPeer | None = None
+        """The oldest of the least advanced: idle ones go first, clients in auth last."""
+        best: tuple[int, PreAuthPeer] | None = None
         for peer, slot in self._slots.items():
             if not match(slot):
                 continue
-            if not slot.started_auth:
+            progress = peer.preauth_progress()
+            if progress == 0:
                 return peer
-            if fallback is None:
-                fallback = peer
-        assert fallback is not None, "a full pool or source always has an oldest entry"
-        return fallback
+            if best is None or progress < best[0]:
+                best = (progress, peer)
+        assert best is not None, "a full pool or source always has an oldest entry"
+        return best[1]
 
     def _remove(self, peer: PreAuthPeer) -> None:
         slot = self._slots.pop(peer)

@@ -319,6 +319,7 @@ class _Connection(asyncssh.SSHServer):
         self._inbox_send: MemoryObjectSendStream[_Event] = send
         self._inbox: MemoryObjectReceiveStream[_Event] = receive
         self._counted_unauth = False
+        self._asked_auth = False
         self.source = "?"
         self.budget = ConnectionBudget(forwarder.limits)
         self.frames = RateLimit(
@@ -383,8 +384,13 @@ class _Connection(asyncssh.SSHServer):
 
     def begin_auth(self, username: str) -> bool:
         self.user = username
-        self.fw.preauth.started_auth(self)
+        self._asked_auth = True
         return True
+
+    def preauth_progress(self) -> int:
+        if self._asked_auth:
+            return 2
+        return 1 if self.conn is not None and self.conn.get_extra_info("client_version") else 0
 
     def _loggable_user(self) -> str | None:
         """Before authentication the user name is a claim, maybe a pasted token."""
