@@ -4,6 +4,9 @@
   supervising a real Dask scheduler with a worker, two stand-in services), left on its
   default backoff, is published again within 10 s of the forwarder's restart, and a new
   Dask client computes through the new tunnel.
+- The local scheduler dying and returning under the agent: meanwhile in-cluster connections
+  through the tunnel are closed at once (never hang), the agent reports the service down and
+  up again, and the session is never reconnected.
 """
 
 from __future__ import annotations
@@ -15,9 +18,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.abc
 import pytest
 
-from tests.harness import base_env, dask_scheduler_argv, dask_worker_argv, free_port, process
+from tests.harness import (
+    agent_settings,
+    base_env,
+    dask_scheduler_argv,
+    dask_worker_argv,
+    free_port,
+    process,
+    running_agent,
+    wait_for,
+)
 from tests.test_processes import (
     AGENT,
     Keys,
@@ -31,6 +45,7 @@ from tests.test_processes import (
     wait_until,
 )
 from tests.test_processes import keys as keys
+from tests.test_tunnel import echo_roundtrip
 
 pytestmark = pytest.mark.slow
 
@@ -134,3 +149,75 @@ def test_forwarder_sigkill_mid_transfer(keys: Keys, tmp_path: Path) -> None:
         )
         for agent in agents:
             assert agent.proc.poll() is None
+
+
+async def echo_on(
+    port: int, *, task_status: anyio.abc.TaskStatus[anyio.CancelScope] = anyio.TASK_STATUS_IGNORED
+) -> None:
+    """An echo service on a fixed port, until its cancel scope (handed back) is cancelled."""
+
+    async def handle(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                while True:
+                    await stream.send(b"E:" + await stream.receive())
+
+    with anyio.CancelScope() as scope:
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=port)
+        async with listener:
+            task_status.started(scope)
+            await listener.serve(handle)
+
+
+async def closed_cleanly(address: str) -> str:
+    """Connect through the tunnel while nothing listens behind it: closed, never hung."""
+    host, _, port = address.rpartition(":")
+    with anyio.fail_after(10):
+        async with await anyio.connect_tcp(host, int(port)) as stream:
+            with contextlib.suppress(anyio.BrokenResourceError, OSError):
+                await stream.send(b"ping")
+            try:
+                data = await stream.receive()
+            except anyio.EndOfStream:
+                return "eof"
+            except (anyio.BrokenResourceError, OSError):
+                return "reset"
+            raise AssertionError(f"answered while the service was down: {data!r}")
+
+
+@pytest.mark.anyio
+async def test_local_service_dies_and_returns_under_the_agent(tmp_path: Path) -> None:
+    """The scheduler the agent forwards to dies and comes back; the session lives through it."""
+    from tests.test_policy import forwarder as inproc_forwarder
+
+    port = free_port()
+    async with inproc_forwarder(tmp_path) as fw, anyio.create_task_group() as tg:
+        service = await tg.start(echo_on, port)
+        async with running_agent(agent_settings(fw, services=(("scheduler", port),))) as agent:
+            (tunnel,) = fw.tunnels()
+            address = tunnel["services"]["scheduler"]
+            assert await echo_roundtrip(address) == b"E:ping"
+
+            service.cancel()  # the scheduler dies
+            t0 = time.monotonic()
+            outcomes = [await closed_cleanly(address) for _ in range(5)]
+            down_for = time.monotonic() - t0
+            await wait_for(
+                lambda: fw.tunnels()[0]["services_up"].get("scheduler") is False,
+                30,
+                "the agent to report the scheduler down",
+            )
+
+            service = await tg.start(echo_on, port)  # ...and comes back on its port
+            t1 = time.monotonic()
+            await wait_for(
+                lambda: fw.tunnels()[0]["services_up"].get("scheduler") is True,
+                30,
+                "the agent to report the scheduler up",
+            )
+            assert await echo_roundtrip(address) == b"E:ping"
+            back = time.monotonic() - t1
+            assert agent.state.connects == 1
+            assert [t["id"] for t in fw.tunnels()] == [tunnel["id"]]
+        service.cancel()
+    print(f"\nservice down: connects closed {outcomes} in {down_for:.2f}s; back in {back:.2f}s")
