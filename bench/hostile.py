@@ -143,7 +143,7 @@ async def pending_takeovers(tmp: Path) -> None:
             alice_ports = sum(len(s.forwards) for s in fw.forwarder.registry if s.user == "alice")
             out(
                 "pending takeover hellos",
-                f"{welcomed}/100 welcomed (limit 20 + 1 takeover), ports held by alice "
+                f"{welcomed}/100 welcomed (20 with the owner: the limit), ports held by alice "
                 f"{alice_ports} of 100, in use {fw.forwarder.ports.in_use}; bob alive: "
                 f"{await echo_roundtrip(address) == b'V:ping'}",
             )
@@ -175,9 +175,9 @@ async def channels_and_forwards(tmp: Path) -> None:
             async with conn:
                 with contextlib.suppress(asyncssh.Error, OSError):
                     for _ in range(10_000):
+                        opened += 1  # attempts: each opens a channel, its request refused
                         with contextlib.suppress(asyncssh.ChannelOpenError):
                             await conn.create_session(asyncssh.SSHClientSession, subsystem="x")
-                            opened += 1
                         if conn.is_closed():
                             break
             conn = await probe(fw)
@@ -192,7 +192,7 @@ async def channels_and_forwards(tmp: Path) -> None:
         refused = [e for e in logs if e.get("event") == "refused"]
         out(
             "channels / bad forwards",
-            f"connection cut after {opened} channel opens (subsystem refused) and "
+            f"connection cut after {opened} session channel attempts and after "
             f"{forwards} forward requests; {len(refused)} refusal lines; RSS +"
             f"{rss_mib() - before:.1f} MiB in {time.monotonic() - t0:.1f}s; bob alive: "
             f"{await echo_roundtrip(address) == b'V:ping'}",
