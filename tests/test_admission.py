@@ -504,3 +504,27 @@ async def test_control_frame_rate(tmp_path: Path) -> None:
         assert [e.code for e in errors] == ["rate-limited"]
         acks = [m for m in messages if isinstance(m, p.HeartbeatAck)]
         assert len(acks) <= 41  # the burst (and what trickled in meanwhile), not 200
+
+
+async def test_agent_backs_off_from_the_first_auth_failure(tmp_path: Path) -> None:
+    """A wrong token: the agent waits before its second try, and longer each time."""
+    from daemons.agent.session import AgentIdentity, AgentSession
+
+    async with forwarder(tmp_path) as fw:
+        settings = agent_settings(
+            fw, token="wrong-token-0123456789", services=(), backoff_initial=1.0, backoff_max=8.0
+        )
+        session = AgentSession(settings, AgentIdentity(instance_id="b"), settings.read_token())
+        with capture_logs() as logs:
+            with anyio.move_on_after(6.0):  # a bounded observation window, not a sync point
+                await session.run([])
+        delays = [e["in_seconds"] for e in logs if e["event"] == "reconnecting"]
+        rejected = await metric(
+            fw, "jobtunnel_auth_attempts_total", outcome="reject", reason="bad_token"
+        )
+    assert delays, logs
+    # From the very first failure: never an immediate retry; then exponential (with jitter).
+    for k, delay in enumerate(delays, start=1):
+        assert 0.5 <= delay <= min(8.0, 2 ** (k - 1)), delays
+    assert len(delays) <= rejected <= len(delays) + 1, (rejected, delays)
+    print(f"\nagent with a wrong token: {rejected:.0f} attempts in 6 s, delays {delays}")
