@@ -38,7 +38,7 @@ class ForwarderSettings:
     max_sessions_per_user: int = c.option(c.positive_int, 20)
     max_unauthenticated: int = c.option(c.positive_int, 100)
     # Admission (daemons/forwarder/admission.py): per-source and per-connection allowances.
-    max_unauthenticated_per_source: int = c.option(c.positive_int, 10)
+    max_unauthenticated_per_source: int = c.option(c.positive_int, 32)
     max_auth_tries: int = c.option(c.positive_int, 6)
     max_channels_per_connection: int = c.option(c.positive_int, 4)
     max_forward_requests_per_connection: int = c.option(c.positive_int, 16)
