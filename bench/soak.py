@@ -81,9 +81,11 @@ async def main(sessions: int, seconds: float) -> None:
         write_token_file(tmp / "tokens", {f"u{i}": TOKEN for i in range(20)})
         key = hostkeys.load_or_generate(tmp / "host_key")
         ssh, http = HostPort("127.0.0.1", free_port()), HostPort("127.0.0.1", free_port())
+        admin = HostPort("127.0.0.1", free_port())
         env = base_env() | {
             "JOBTUNNEL_LISTEN": str(ssh),
             "JOBTUNNEL_HTTP": str(http),
+            "JOBTUNNEL_ADMIN_HTTP": str(admin),
             "JOBTUNNEL_HOST_KEY": str(tmp / "host_key"),
             "JOBTUNNEL_TOKEN_FILE": str(tmp / "tokens"),
             "JOBTUNNEL_PORT_RANGE": "42000-42999",
@@ -110,7 +112,7 @@ async def main(sessions: int, seconds: float) -> None:
                         f"{fds} fds, {len(done)} sessions done",
                         flush=True,
                     )
-            await wait_for(lambda: get_tunnels(http) == [], 60, "every tunnel gone")
+            await wait_for(lambda: get_tunnels(admin) == [], 60, "every tunnel gone")
             rss1, fds1 = usage(pid)
             print(
                 f"end: RSS {rss1:.1f} MiB ({rss1 - rss0:+.1f}), {fds1} fds ({fds1 - fds0:+d}); "
