@@ -7,14 +7,21 @@
 - The local scheduler dying and returning under the agent: meanwhile in-cluster connections
   through the tunnel are closed at once (never hang), the agent reports the service down and
   up again, and the session is never reconnected.
+- A partition between agent and forwarder, made with a network namespace and a veth pair the
+  test creates (addresses of its own hosts only): the forwarder's keepalive declares the
+  session dead within its bound, and the agent is published again within 5 s of the heal.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import random
 import signal
+import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +44,11 @@ from tests.test_processes import (
     Keys,
     _quiet,
     agent_env,
+    banner,
     dask_sum_of_squares,
     exit_status,
     forwarder,
+    only_tunnel,
     port_range,
     service_argv,
     wait_until,
@@ -221,3 +230,89 @@ async def test_local_service_dies_and_returns_under_the_agent(tmp_path: Path) ->
             assert [t["id"] for t in fw.tunnels()] == [tunnel["id"]]
         service.cancel()
     print(f"\nservice down: connects closed {outcomes} in {down_for:.2f}s; back in {back:.2f}s")
+
+
+@contextlib.contextmanager
+def partitionable_host() -> Iterator[tuple[str, str, str, str]]:
+    """A network namespace of our own, joined to this one by a veth pair we create.
+
+    Yields (namespace, host-side veth, namespace-side veth, our address toward it); the
+    addresses are a /30 of 10.231.0.0/16 that no interface here uses. Everything is deleted
+    at the end (deleting the namespace deletes the veth pair).
+    """
+    if subprocess.run(["ip", "netns", "list"], capture_output=True).returncode != 0:
+        pytest.skip("no ip netns here")
+    used = subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True).stdout
+    tag = os.urandom(3).hex()
+    subnet = next(
+        n for n in (random.randrange(1, 250) for _ in range(100)) if f"10.231.{n}." not in used
+    )
+    ns, here, there = f"jt-{tag}", f"jta{tag}", f"jtb{tag}"
+    ours, theirs = f"10.231.{subnet}.1", f"10.231.{subnet}.2"
+
+    def run(*argv: str) -> None:
+        subprocess.run(argv, check=True, capture_output=True)
+
+    try:
+        run("ip", "netns", "add", ns)
+    except subprocess.CalledProcessError as exc:
+        pytest.skip(f"cannot create a network namespace: {exc.stderr.decode().strip()}")
+    try:
+        run("ip", "link", "add", here, "type", "veth", "peer", "name", there)
+        run("ip", "link", "set", there, "netns", ns)
+        run("ip", "addr", "add", f"{ours}/30", "dev", here)
+        run("ip", "link", "set", here, "up")
+        run("ip", "-n", ns, "addr", "add", f"{theirs}/30", "dev", there)
+        run("ip", "-n", ns, "link", "set", there, "up")
+        run("ip", "-n", ns, "link", "set", "lo", "up")
+        yield ns, here, there, ours
+    finally:
+        subprocess.run(["ip", "link", "del", here], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_partition_between_agent_and_forwarder(keys: Keys, tmp_path: Path) -> None:
+    """Agent in a namespace of its own; the link cut: declared dead by keepalive, back on heal."""
+    keepalive, count = 1.0, 3
+    bound = keepalive * (count + 1) + 2.0  # asyncssh probes count times, then gives up
+    with partitionable_host() as (ns, _here, there, ours):
+        ssh_port, service_port = free_port(), free_port()
+        listen = f"{ours}:{ssh_port}"
+        with forwarder(
+            keys,
+            tmp_path / "fw.log",
+            ssh_port=ssh_port,
+            listen=listen,
+            keepalive_interval=str(keepalive),
+            keepalive_count_max=str(count),
+            heartbeat_interval="30",  # so that keepalive, not the heartbeat, finds the loss
+        ) as fw:
+            env = agent_env(keys, fw, {"scheduler": service_port}, forwarder=listen)
+            argv = ["ip", "netns", "exec", ns, AGENT, "--", *service_argv(keys, [service_port])]
+            with process(argv, tmp_path / "agent.log", env) as agent:
+                first = wait_until(_quiet(lambda: only_tunnel(fw)), "published", alive=[agent])
+                subprocess.run(["ip", "-n", ns, "link", "set", there, "down"], check=True)
+                cut = time.monotonic()
+                wait_until(
+                    _quiet(lambda: only_tunnel(fw) is None),
+                    "the forwarder to declare the session dead",
+                    alive=[agent],
+                    timeout=bound + 10,
+                )
+                dead_after = time.monotonic() - cut
+                subprocess.run(["ip", "-n", ns, "link", "set", there, "up"], check=True)
+                healed = time.monotonic()
+                second = wait_until(
+                    _quiet(lambda: only_tunnel(fw)),
+                    "published after the heal",
+                    alive=[agent],
+                    timeout=5.0,
+                )
+                back_after = time.monotonic() - healed
+                assert second["id"] != first["id"]
+                assert banner(second["services"]["scheduler"]).startswith("service ")
+    print(
+        f"\npartition: declared dead after {dead_after:.2f}s (bound {bound:.0f}s), "
+        f"back {back_after:.2f}s after the heal"
+    )
+    assert dead_after <= bound
