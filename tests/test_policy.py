@@ -109,7 +109,8 @@ async def refusals(fw: RunningForwarder, kind: str) -> float:
 
 
 async def tunnels(fw: RunningForwarder) -> list[dict[str, Any]]:
-    return await anyio.to_thread.run_sync(get_tunnels, fw.http)
+    assert fw.admin is not None  # standalone: /tunnels is on the admin listener
+    return await anyio.to_thread.run_sync(get_tunnels, fw.admin)
 
 
 LogEntry = MutableMapping[str, Any]

@@ -78,7 +78,8 @@ async def test_service_reachable_through_tunnel_and_listed(tmp_path: Path) -> No
             ),
         ) as agent,
     ):
-        tunnels = await anyio.to_thread.run_sync(get_tunnels, fw.http)
+        assert fw.admin is not None
+        tunnels = await anyio.to_thread.run_sync(get_tunnels, fw.admin)
         assert len(tunnels) == 1
         (tunnel,) = tunnels
         assert tunnel["user"] == "alice"
