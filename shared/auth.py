@@ -14,7 +14,8 @@ Pieces:
   bounded machine ``code`` (used as a metric label).
 - :class:`TokenVerifier`: the protocol; :class:`TokenFileVerifier` and :class:`HubVerifier`
   implement it.
-- :class:`FailureLimiter`: per source address and per user name failure limiting.
+- :class:`FailureLimiter`: failure limiting per (user, source) and per source, never per user
+  alone (ten wrong guesses for carol from one address must not lock carol out everywhere).
 - :class:`Authenticator`: the forwarder's front door (limiter + verifier + metrics + log lines).
 """
 
@@ -39,6 +40,9 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import aiohttp
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from shared.sources import source_group
+from shared.summary import LogSummary
 
 log = structlog.get_logger(__name__)
 
@@ -84,6 +88,7 @@ IDENTITY_SCOPES: tuple[str, ...] = ("read:users:name", "read:users:groups")
 
 _MAX_TOKEN_LEN = 4096
 _MAX_USER_LEN = 256
+_MAX_KNOWN_USERS = 10_000
 
 
 class Outcome(enum.Enum):
@@ -359,6 +364,10 @@ class TokenFileVerifier:
         if match:
             return AuthDecision.accept(user)
         return AuthDecision.reject(user, "unknown token", "bad_token")
+
+    def knows_user(self, user: str) -> bool:
+        """Whether ``user`` has a line in the file (so its name is safe to log)."""
+        return user in self._tokens
 
     async def revalidate(self, user: str, token: str) -> AuthDecision:
         """Same as :meth:`verify`: there is no cache, and the file is re-checked each call."""
@@ -747,15 +756,21 @@ class HubVerifier:
 # Failure limiting
 
 
-KeyKind = Literal["source", "user"]
+KeyKind = Literal["source", "user-source"]
 
 
 class FailureLimiter:
-    """Per source address and per user name: after ``max_failures`` rejected attempts within
-    ``window`` seconds, further attempts from that key are refused immediately (no hub call)
-    until the window slides.
+    """Per (user, source) and per source: after too many rejected attempts within ``window``
+    seconds, further attempts from that key are refused immediately (no hub call) until the
+    window slides.
 
-    Memory-bounded: each key keeps at most ``max_failures`` timestamps, stale keys are pruned
+    Never per user alone: then anyone could lock a victim out from everywhere by guessing
+    wrong for her name. A (user, source) key allows ``max_failures``; a source (an IPv4
+    address or an IPv6 /64, :func:`shared.sources.source_group`) allows ``max_source_failures``
+    (default five times as many: a NAT'd pool shares it), whatever the user names. What
+    remains: a guesser behind the same NAT as the victim can exhaust their shared source key.
+
+    Memory-bounded: each key keeps at most its limit of timestamps, stale keys are pruned
     (a full sweep at most once per ``window``), and at most ``max_keys`` keys are tracked; past
     that the least recently failed keys are forgotten first. Very long user names are tracked by
     their sha256.
@@ -768,6 +783,7 @@ class FailureLimiter:
         window: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
         max_keys: int = 100_000,
+        max_source_failures: int | None = None,
     ) -> None:
         if max_failures < 1:
             raise ValueError("max_failures must be at least 1")
@@ -776,6 +792,9 @@ class FailureLimiter:
         if max_keys < 2:
             raise ValueError("max_keys must be at least 2")
         self.max_failures = max_failures
+        self.max_source_failures = (
+            max_source_failures if max_source_failures is not None else 5 * max_failures
+        )
         self.window = window
         self.max_keys = max_keys
         self._clock = clock
@@ -793,7 +812,11 @@ class FailureLimiter:
         return "sha256:" + hashlib.sha256(user.encode(errors="surrogatepass")).hexdigest()
 
     def _keys(self, peer_host: str, user: str) -> tuple[tuple[KeyKind, str], tuple[KeyKind, str]]:
-        return ("source", peer_host[:256]), ("user", self._user_key(user))
+        group = source_group(peer_host)
+        return ("source", group), ("user-source", f"{self._user_key(user)}\0{group}")
+
+    def _limit(self, key: tuple[KeyKind, str]) -> int:
+        return self.max_source_failures if key[0] == "source" else self.max_failures
 
     def _recent(self, key: tuple[KeyKind, str], now: float) -> int:
         stamps = self._failures.get(key)
@@ -808,13 +831,13 @@ class FailureLimiter:
         return len(stamps)
 
     def check_kind(self, peer_host: str, user: str) -> tuple[KeyKind, str] | None:
-        """Like :meth:`check`, but also says which key is limited ("source" or "user")."""
+        """Like :meth:`check`, but also says which key is limited."""
         now = self._clock()
         source_key, user_key = self._keys(peer_host, user)
-        if self._recent(source_key, now) >= self.max_failures:
-            return "source", f"too many failures from {peer_host}"
+        if self._recent(source_key, now) >= self.max_source_failures:
+            return "source", f"too many failures from {source_key[1]}"
         if self._recent(user_key, now) >= self.max_failures:
-            return "user", f"too many failures for user {user!r}"
+            return "user-source", f"too many failures for this user from {source_key[1]}"
         return None
 
     def check(self, peer_host: str, user: str) -> str | None:
@@ -828,7 +851,7 @@ class FailureLimiter:
         for key in self._keys(peer_host, user):
             stamps = self._failures.get(key)
             if stamps is None:
-                stamps = deque(maxlen=self.max_failures)
+                stamps = deque(maxlen=self._limit(key))
                 self._failures[key] = stamps
             else:
                 self._failures.move_to_end(key)
@@ -837,7 +860,7 @@ class FailureLimiter:
             self._failures.popitem(last=False)
 
     def record_success(self, peer_host: str, user: str) -> None:
-        """A successful login clears the user's failures (not the source's)."""
+        """A successful login clears the user's failures from there (not the source's)."""
         _, user_key = self._keys(peer_host, user)
         self._failures.pop(user_key, None)
 
@@ -893,8 +916,25 @@ class Authenticator:
             ["key"],
             registry=self.registry,
         )
-        for key in ("source", "user"):
+        for key in ("source", "user-source"):
             self._m_limited.labels(key=key)
+        # Set by the forwarder: failed attempts then log one line per source and code per
+        # interval (the summary's owner logs the counts), so a guesser cannot flood the log.
+        self.log_summary: LogSummary | None = None
+        # Names that authenticated once: only these are logged verbatim before a login.
+        self._known_users: OrderedDict[str, None] = OrderedDict()
+
+    def loggable_user(self, user: str) -> str:
+        """``user`` if it is a known user name, else a short digest of it.
+
+        A failed login's user name may be a token typed into the wrong field: it is logged
+        verbatim only once it has authenticated on this forwarder (or is in the token file).
+        """
+        knows = getattr(self.verifier, "knows_user", None)
+        if user in self._known_users or (callable(knows) and knows(user)):
+            return user
+        digest = hashlib.sha256(user.encode(errors="surrogatepass")).hexdigest()[:12]
+        return f"unknown:{digest}"
 
     @property
     def available(self) -> bool:
@@ -912,12 +952,19 @@ class Authenticator:
                 self.limiter.record_failure(peer_host, user)
             elif decision.outcome is Outcome.ACCEPT:
                 self.limiter.record_success(peer_host, user)
+                self._known_users[user] = None
+                self._known_users.move_to_end(user)
+                while len(self._known_users) > _MAX_KNOWN_USERS:
+                    self._known_users.popitem(last=False)
         code = self._code(decision)
         self._m_attempts.labels(outcome=decision.outcome.value, reason=code).inc()
+        summary = self.log_summary
+        if not decision.ok and summary and not summary.should_log((source_group(peer_host), code)):
+            return decision
         level = log.info if decision.ok else log.warning
         level(
             "auth",
-            user=user[:_MAX_USER_LEN],
+            user=user if decision.ok else self.loggable_user(user),
             peer=peer_host,
             outcome=decision.outcome.value,
             reason=decision.reason,

@@ -67,6 +67,11 @@ MAX_FRAME_SIZE = 65536
 HEADER_SIZE = 4
 
 SERVICE_NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,30}")
+# Per-peer bounds: a session's services are few, and every string a peer sends ends up in
+# memory, metrics or log lines, so none may be large (one 64 KiB frame is already a lot).
+MAX_SERVICES = 8
+MAX_NAME_LENGTH = 253  # identifiers: Kubernetes names, job ids, versions
+MAX_TEXT_LENGTH = 1024  # free text: reasons, messages
 _PLAIN_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 # Integers are bounded so that peers written in languages with fixed-width integers (and JSON
@@ -207,8 +212,14 @@ class _Bool(_Validator):
 
 
 class _Str(_Validator):
-    def __init__(self, pattern: re.Pattern[str] | None = None, *, nonempty: bool = False) -> None:
-        self.pattern, self.nonempty = pattern, nonempty
+    def __init__(
+        self,
+        pattern: re.Pattern[str] | None = None,
+        *,
+        nonempty: bool = False,
+        max_length: int = MAX_TEXT_LENGTH,
+    ) -> None:
+        self.pattern, self.nonempty, self.max_length = pattern, nonempty, max_length
         if pattern is not None:
             self.expected = f"a string matching ^{pattern.pattern}$"
         elif nonempty:
@@ -228,6 +239,10 @@ class _Str(_Validator):
             ) from None
         if self.nonempty and not value:
             raise self._bad(value, path)
+        if len(value) > self.max_length:
+            raise _FieldError(
+                "bad-field", path, f"string of {len(value)} characters, over {self.max_length}"
+            )
         if self.pattern is not None and self.pattern.fullmatch(value) is None:
             raise self._bad(value, path)
         return str(value)
@@ -258,9 +273,15 @@ class _Optional(_Validator):
 
 class _Tuple(_Validator):
     def __init__(
-        self, item: _Validator, *, nonempty: bool = False, unique_names: bool = False
+        self,
+        item: _Validator,
+        *,
+        nonempty: bool = False,
+        unique_names: bool = False,
+        max_items: int = MAX_SERVICES,
     ) -> None:
         self.item, self.nonempty, self.unique_names = item, nonempty, unique_names
+        self.max_items = max_items
         self.expected = "a non-empty array" if nonempty else "an array"
 
     def check(self, value: object, path: str) -> object:
@@ -268,6 +289,10 @@ class _Tuple(_Validator):
             raise self._bad(value, path)
         if self.nonempty and not value:
             raise _FieldError("bad-field", path, "expected a non-empty array, got []")
+        if len(value) > self.max_items:
+            raise _FieldError(
+                "bad-field", path, f"array of {len(value)} items, over {self.max_items}"
+            )
         items = tuple(self.item.check(item, f"{path}[{i}]") for i, item in enumerate(value))
         if self.unique_names:
             seen: set[str] = set()
@@ -281,13 +306,17 @@ class _Tuple(_Validator):
 
 
 class _Dict(_Validator):
-    def __init__(self, key: _Validator, value: _Validator) -> None:
-        self.key, self.value = key, value
+    def __init__(self, key: _Validator, value: _Validator, *, max_items: int) -> None:
+        self.key, self.value, self.max_items = key, value, max_items
         self.expected = "an object"
 
     def check(self, value: object, path: str) -> object:
         if not isinstance(value, Mapping):
             raise self._bad(value, path)
+        if len(value) > self.max_items:
+            raise _FieldError(
+                "bad-field", path, f"object of {len(value)} entries, over {self.max_items}"
+            )
         out: dict[object, object] = {}
         for k, v in value.items():
             item_path = f"{path}[{_describe(k)}]"
@@ -309,6 +338,7 @@ class _Nested(_Validator):
 
 
 _SERVICE_NAME = _Str(SERVICE_NAME_RE)
+_NAME = _Str(max_length=MAX_NAME_LENGTH)
 _PORT = _Int(1, 65535, "an int in 1..65535")
 _COUNT = _Int(0, _U63_MAX, "an int in 0..2**63-1")
 
@@ -372,10 +402,10 @@ class JobInfo(_Model):
     schedd: str
 
     _SCHEMA: ClassVar[Mapping[str, _Validator]] = {
-        "global_job_id": _Str(),
+        "global_job_id": _NAME,
         "cluster_id": _COUNT,
         "proc_id": _COUNT,
-        "schedd": _Str(),
+        "schedd": _NAME,
     }
 
 
@@ -388,9 +418,9 @@ class PodInfo(_Model):
     uid: str
 
     _SCHEMA: ClassVar[Mapping[str, _Validator]] = {
-        "namespace": _Str(),
-        "name": _Str(),
-        "uid": _Str(),
+        "namespace": _NAME,
+        "name": _NAME,
+        "uid": _NAME,
     }
 
 
@@ -406,7 +436,11 @@ class ServiceSpec(_Model):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ServiceAddress(_Model):
-    """Where a service will be reachable inside the cluster, so the agent can advertise it."""
+    """Where a service will be reachable inside the cluster, so the agent can advertise it.
+
+    ``port`` 0: not chosen yet. The forwarder reserves a port only when the forward is
+    requested (a ``hello`` alone must not hold ports), and the forward's reply names it.
+    """
 
     name: str
     host: str
@@ -414,8 +448,8 @@ class ServiceAddress(_Model):
 
     _SCHEMA: ClassVar[Mapping[str, _Validator]] = {
         "name": _SERVICE_NAME,
-        "host": _Str(nonempty=True),
-        "port": _PORT,
+        "host": _Str(nonempty=True, max_length=MAX_NAME_LENGTH),
+        "port": _Int(0, 65535, "an int in 0..65535"),
     }
 
 
@@ -432,7 +466,7 @@ class AgentCounters(_Model):
         "connections": _COUNT,
         "bytes_in": _COUNT,
         "bytes_out": _COUNT,
-        "services_up": _Dict(_SERVICE_NAME, _Bool()),
+        "services_up": _Dict(_SERVICE_NAME, _Bool(), max_items=MAX_SERVICES),
     }
 
 
@@ -454,9 +488,9 @@ class Hello(_Model):
     services: tuple[ServiceSpec, ...] = ()
 
     _SCHEMA: ClassVar[Mapping[str, _Validator]] = {
-        "versions": _Tuple(_Int(1, _I32_MAX, "an int in 1..2**31-1"), nonempty=True),
-        "agent_version": _Str(),
-        "instance_id": _Str(),
+        "versions": _Tuple(_Int(1, _I32_MAX, "an int in 1..2**31-1"), nonempty=True, max_items=16),
+        "agent_version": _NAME,
+        "instance_id": _NAME,
         "job": _Optional(_Nested(JobInfo)),
         "pod": _Optional(_Nested(PodInfo)),
         "private_ip": _Optional(_IPAddress()),

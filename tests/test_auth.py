@@ -525,23 +525,30 @@ def test_token_file_missing(tmp_path: Path) -> None:
 
 def test_limiter_by_source() -> None:
     clock = FakeClock()
-    lim = FailureLimiter(max_failures=3, window=60, clock=clock)
-    for i in range(3):
+    lim = FailureLimiter(max_failures=3, window=60, clock=clock, max_source_failures=4)
+    for i in range(4):
         assert lim.check("10.0.0.1", f"user{i}") is None
         lim.record_failure("10.0.0.1", f"user{i}")
     assert lim.check("10.0.0.1", "anyone") == "too many failures from 10.0.0.1"
     assert lim.check("10.0.0.2", "anyone") is None
     assert lim.check_kind("10.0.0.1", "anyone") == ("source", "too many failures from 10.0.0.1")
+    assert FailureLimiter(max_failures=3).max_source_failures == 15
 
 
-def test_limiter_by_user() -> None:
+def test_limiter_by_user_and_source_never_user_alone() -> None:
     clock = FakeClock()
     lim = FailureLimiter(max_failures=3, window=60, clock=clock)
     for i in range(3):
         lim.record_failure(f"10.0.0.{i}", "bob")
-    assert lim.check("10.9.9.9", "bob") == "too many failures for user 'bob'"
-    assert lim.check_kind("10.9.9.9", "bob") == ("user", "too many failures for user 'bob'")
-    assert lim.check("10.9.9.9", "alice") is None
+    assert lim.check("10.9.9.9", "bob") is None  # three sources, one failure each
+    for _ in range(3):
+        lim.record_failure("10.0.0.7", "bob")
+    assert lim.check_kind("10.0.0.7", "bob") == (
+        "user-source",
+        "too many failures for this user from 10.0.0.7",
+    )
+    assert lim.check("10.9.9.9", "bob") is None
+    assert lim.check("10.0.0.7", "alice") is None
 
 
 def test_limiter_window_slides() -> None:
@@ -551,23 +558,24 @@ def test_limiter_window_slides() -> None:
         lim.record_failure("10.0.0.1", "bob")
         clock.advance(10)
     # failures at t=0, 10, 20; now t=30: the first is exactly one window old
-    assert lim.check("10.0.0.1", "x") is None
-    lim.record_failure("10.0.0.1", "x")  # t=30: failures at 10, 20, 30
-    assert lim.check("10.0.0.1", "x") is not None
+    assert lim.check("10.0.0.1", "bob") is None
+    lim.record_failure("10.0.0.1", "bob")  # t=30: failures at 10, 20, 30
+    assert lim.check("10.0.0.1", "bob") is not None
     clock.advance(9.9)
-    assert lim.check("10.0.0.1", "x") is not None
+    assert lim.check("10.0.0.1", "bob") is not None
     clock.advance(0.2)
-    assert lim.check("10.0.0.1", "x") is None
+    assert lim.check("10.0.0.1", "bob") is None
 
 
 def test_limiter_success_clears_user_not_source() -> None:
-    lim = FailureLimiter(max_failures=2, window=60, clock=FakeClock())
+    lim = FailureLimiter(max_failures=2, window=60, clock=FakeClock(), max_source_failures=3)
     lim.record_failure("10.0.0.1", "bob")
     lim.record_failure("10.0.0.1", "bob")
-    assert lim.check("10.0.0.2", "bob") is not None
-    lim.record_success("10.0.0.3", "bob")
-    assert lim.check("10.0.0.2", "bob") is None
-    assert lim.check("10.0.0.1", "alice") is not None
+    assert lim.check("10.0.0.1", "bob") is not None
+    lim.record_success("10.0.0.1", "bob")
+    assert lim.check("10.0.0.1", "bob") is None
+    lim.record_failure("10.0.0.1", "carol")
+    assert lim.check("10.0.0.1", "alice") is not None  # the source's 3 failures stay
 
 
 def test_limiter_memory_is_bounded() -> None:
@@ -616,36 +624,43 @@ SECRET = "s3cr3t-token-value-0123456789"
 async def test_authenticator_limited_source_skips_verifier() -> None:
     stub = StubVerifier(AuthDecision.reject("bob", "unknown token"))
     reg = CollectorRegistry()
-    auth = Authenticator(stub, FailureLimiter(max_failures=2, clock=FakeClock()), registry=reg)
+    limiter = FailureLimiter(max_failures=2, clock=FakeClock(), max_source_failures=3)
+    auth = Authenticator(stub, limiter, registry=reg)
     with capture_logs() as logs:
         for _ in range(2):
             assert (await auth.login("bob", SECRET, "10.0.0.1")).code == "bad_token"
         d = await auth.login("bob", SECRET, "10.0.0.1")
     assert len(stub.calls) == 2
     assert (d.outcome, d.code) == (Outcome.REJECT, "rate_limited")
-    assert d.reason == "rate limited: too many failures from 10.0.0.1"
+    assert d.reason == "rate limited: too many failures for this user from 10.0.0.1"
     assert sample(reg, "jobtunnel_auth_attempts_total", outcome="reject", reason="bad_token") == 2
     assert (
         sample(reg, "jobtunnel_auth_attempts_total", outcome="reject", reason="rate_limited") == 1
     )
-    assert sample(reg, "jobtunnel_auth_rate_limited_total", key="source") == 1
-    # by user, from elsewhere
+    assert sample(reg, "jobtunnel_auth_rate_limited_total", key="user-source") == 1
+    # bob from elsewhere: asked, not limited.
     d = await auth.login("bob", SECRET, "10.0.0.2")
-    assert d.reason == "rate limited: too many failures for user 'bob'"
-    assert sample(reg, "jobtunnel_auth_rate_limited_total", key="user") == 1
-    assert len(stub.calls) == 2
+    assert d.code == "bad_token"
+    assert len(stub.calls) == 3
+    # The source as a whole (three failures), whatever the user.
+    await auth.login("carol", SECRET, "10.0.0.1")
+    d = await auth.login("dave", SECRET, "10.0.0.1")
+    assert d.reason == "rate limited: too many failures from 10.0.0.1"
+    assert sample(reg, "jobtunnel_auth_rate_limited_total", key="source") == 1
 
     auth_lines = [e for e in logs if e["event"] == "auth"]
     assert len(auth_lines) == 3
+    # bob never authenticated here and the stub knows no users: his name is only a digest.
     assert dict(auth_lines[0]) | {"log_level": "x"} == {
         "event": "auth",
-        "user": "bob",
+        "user": auth.loggable_user("bob"),
         "peer": "10.0.0.1",
         "outcome": "reject",
         "reason": "unknown token",
         "code": "bad_token",
         "log_level": "x",
     }
+    assert auth.loggable_user("bob").startswith("unknown:")
     assert SECRET not in repr(logs)
 
 

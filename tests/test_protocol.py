@@ -13,6 +13,9 @@ from hypothesis import strategies as st
 
 from shared.protocol import (
     MAX_FRAME_SIZE,
+    MAX_NAME_LENGTH,
+    MAX_SERVICES,
+    MAX_TEXT_LENGTH,
     PROTOCOL_VERSIONS,
     AgentCounters,
     Bye,
@@ -300,15 +303,34 @@ def test_oversize_header_rejected_before_body() -> None:
 
 
 def test_max_size_frame_is_accepted() -> None:
-    base = to_dict(Error(code="c", message=""))
-    overhead = len(json.dumps(base, separators=(",", ":")))
-    msg = Error(code="c", message="x" * (MAX_FRAME_SIZE - overhead))
-    data = encode(msg)
+    # No valid message is that large any more (strings are bounded): pad with JSON whitespace.
+    msg = Error(code="c", message="x" * MAX_TEXT_LENGTH)
+    body = json.dumps(to_dict(msg), separators=(",", ":")).encode()
+    data = frame(body + b" " * (MAX_FRAME_SIZE - len(body)))
     assert len(data) == 4 + MAX_FRAME_SIZE
     assert FrameDecoder().feed(data) == [msg]
     with pytest.raises(ProtocolError) as info:
-        encode(Error(code="c", message="x" * (MAX_FRAME_SIZE - overhead + 1)))
+        FrameDecoder().feed(frame(body + b" " * (MAX_FRAME_SIZE - len(body) + 1)))
     assert info.value.code == "frame-too-large"
+    with pytest.raises(ProtocolError) as info:
+        Error(code="c", message="x" * (MAX_TEXT_LENGTH + 1))
+    assert info.value.code == "bad-field"
+    assert f"over {MAX_TEXT_LENGTH}" in str(info.value)
+
+
+def test_bounds_on_services_and_names() -> None:
+    many = [{"name": f"s{i}", "port": 1} for i in range(MAX_SERVICES + 1)]
+    obj = {"type": "hello", "versions": [1], "agent_version": "a", "instance_id": "i"}
+    err = raises("bad-field", {**obj, "services": many})
+    assert err.field == "services"
+    assert str(err) == f"hello.services: array of {MAX_SERVICES + 1} items, over {MAX_SERVICES}"
+    up = {f"s{i}": True for i in range(3800)}
+    hb = {"type": "heartbeat", "seq": 1, "sent_at": 1.0, "counters": {"services_up": up}}
+    assert raises("bad-field", hb).field == "counters.services_up"
+    long_id = {**obj, "instance_id": "i" * (MAX_NAME_LENGTH + 1)}
+    assert raises("bad-field", long_id).field == "instance_id"
+    # Port 0 in a welcome: chosen when the forward is requested.
+    assert ServiceAddress(name="scheduler", host="h", port=0).port == 0
 
 
 def test_decoder_stays_closed_after_error() -> None:

@@ -78,6 +78,7 @@ async def test_service_reachable_through_tunnel_and_listed(tmp_path: Path) -> No
             ),
         ) as agent,
     ):
+        assert fw.admin is not None
         tunnels = await anyio.to_thread.run_sync(get_tunnels, fw.admin)
         assert len(tunnels) == 1
         (tunnel,) = tunnels

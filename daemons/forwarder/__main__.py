@@ -131,7 +131,11 @@ async def serve(settings: ForwarderSettings) -> int:
     except Exception as exc:  # kube.KubeConfigError; the module may not even be importable
         log.error("cannot publish to kubernetes", error=str(exc))
         return 2
-    forwarder = build_forwarder(settings, registry, verifier=verifier, publisher=publisher)
+    try:
+        forwarder = build_forwarder(settings, registry, verifier=verifier, publisher=publisher)
+    except hostkeys.HostKeyError as exc:
+        log.error("host key refused", error=str(exc))
+        return 2
     unbound: list[BaseException] = []
     try:
         async with (

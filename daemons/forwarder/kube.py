@@ -52,7 +52,7 @@ LABEL_FORWARDER_POD = "jobtunnel.io/forwarder-pod"
 LABEL_USER = "jobtunnel.io/user"
 LABEL_IDENTITY_HASH = "jobtunnel.io/identity-hash"
 MERGE_PATCH = "application/merge-patch+json"
-HASH_LENGTH = 10
+HASH_LENGTH = 32  # hex digits: 128 bits
 NAME_MAX = 63
 
 
@@ -87,8 +87,14 @@ def identity_key(session: Session) -> str:
 
 
 def identity_hash(session: Session) -> str:
-    """First hex digits of sha256(identity): in the Tunnel name and its identity-hash label."""
-    return hashlib.sha256(identity_key(session).encode()).hexdigest()[:HASH_LENGTH]
+    """First hex digits of sha256(identity): in the Tunnel name and its identity-hash label.
+
+    The parts are NUL-separated (neither can contain NUL, ``:`` can) and 128 bits are kept:
+    the user slug is lossy and the rest attacker-chosen, so the hash alone keeps two users'
+    names apart, beyond reach of a brute-force search.
+    """
+    parts = session.identity if session.identity is not None else (session.user, session.id)
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:HASH_LENGTH]
 
 
 def dns_label(text: str, fallback: str = "user") -> str:

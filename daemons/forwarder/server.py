@@ -25,6 +25,14 @@ import asyncssh
 from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from daemons.forwarder.admission import (
+    ConnectionBudget,
+    ConnectionLimits,
+    Exceeded,
+    PreAuthAdmission,
+    RateLimit,
+    source_group,
+)
 from daemons.forwarder.metrics import ForwarderMetrics
 from daemons.forwarder.ports import PortAllocator, PortsExhausted
 from daemons.forwarder.sessions import (
@@ -42,6 +50,7 @@ from shared.auth import Authenticator
 from shared.config import HostPort, Secret
 from shared.daemon import ListenError
 from shared.logs import get_logger
+from shared.summary import LogSummary
 
 log = get_logger("jobtunnel.forwarder")
 
@@ -87,12 +96,27 @@ class Forwarder:
         self.metrics = metrics
         self.registry = SessionRegistry(max_per_user=settings.max_sessions_per_user)
         self.ports = PortAllocator(settings.port_range)
-        self.unauthenticated = 0
+        self.preauth = PreAuthAdmission(
+            max_total=settings.max_unauthenticated,
+            max_per_source=settings.max_unauthenticated_per_source,
+        )
+        self.limits = ConnectionLimits(
+            max_channels=settings.max_channels_per_connection,
+            max_forward_requests=settings.max_forward_requests_per_connection,
+            max_auth_tries=settings.max_auth_tries,
+            max_refusals=settings.max_refusals_per_connection,
+        )
+        self.log_summary = LogSummary(interval=settings.log_summary_interval)
+        authenticator.log_summary = self.log_summary
         self.draining = False
         self._tg: TaskGroup | None = None
         self._server: asyncssh.SSHAcceptor | None = None
         self._connections: set[_Connection] = set()
         self._connections_changed = anyio.Event()
+
+    @property
+    def unauthenticated(self) -> int:
+        return len(self.preauth)
 
     @property
     def advertise_host(self) -> str:
@@ -118,6 +142,7 @@ class Forwarder:
         async with anyio.create_task_group() as tg:
             self._tg = tg
             await tg.start(self.publisher.run, self.end_session)
+            tg.start_soon(self._summarise_logs)
             self._server = await _listen(
                 lambda: _Connection(self),
                 s.listen.host,
@@ -176,7 +201,20 @@ class Forwarder:
 
     def refuse(self, kind: str, reason: str, *, user: str | None, peer: str, **extra: Any) -> None:
         self.metrics.refusals.labels(kind=kind).inc()
-        log.warning("refused", kind=kind, reason=reason, user=user, peer=peer, **extra)
+        if self.log_summary.should_log((source_group(peer.rsplit(":", 1)[0]), kind)):
+            log.warning("refused", kind=kind, reason=reason, user=user, peer=peer, **extra)
+
+    def note(self, kind: str, peer_host: str, event: str, **fields: Any) -> None:
+        """An info line that a flood would repeat (e.g. pre-auth closes): summarised too."""
+        if self.log_summary.should_log((source_group(peer_host), kind)):
+            log.info(event, **fields)
+
+    async def _summarise_logs(self) -> None:
+        interval = self.settings.log_summary_interval
+        while True:
+            await anyio.sleep(interval)
+            for (source, kind), count in self.log_summary.flush():
+                log.warning("repeated", kind=kind, source=source, count=count, seconds=interval)
 
 
 class _PolicyChannel(asyncssh.SSHServerChannel):  # type: ignore[type-arg]
@@ -282,6 +320,15 @@ class _Connection(asyncssh.SSHServer):
         self._inbox_send: MemoryObjectSendStream[_Event] = send
         self._inbox: MemoryObjectReceiveStream[_Event] = receive
         self._counted_unauth = False
+        self._asked_auth = False
+        self.source = "?"
+        self.budget = ConnectionBudget(forwarder.limits)
+        self.frames = RateLimit(
+            forwarder.settings.control_frame_rate,
+            forwarder.settings.control_frame_burst,
+            time.monotonic,
+        )
+        self.announced: set[str] = set()
         self.end_reason: str | None = None
         self._linger = False
         self._lost = anyio.Event()
@@ -297,24 +344,33 @@ class _Connection(asyncssh.SSHServer):
             self.refuse("draining", "forwarder is shutting down")
             conn.close()
             return
-        if self.fw.unauthenticated >= self.fw.settings.max_unauthenticated:
-            self.refuse("unauthenticated-limit", "too many unauthenticated connections")
-            conn.close()
-            return
-        self.fw.unauthenticated += 1
+        self.source = source_group(self.peer_host)
+        # Never refuse a newcomer for want of room: evict the oldest idle one instead.
+        for victim, scope in self.fw.preauth.admit(self, self.source):
+            victim.evict(f"pre-auth {scope} limit: oldest idle connection evicted")
         self._counted_unauth = True
         self.fw.metrics.unauthenticated.set(self.fw.unauthenticated)
         self.fw._connections.add(self)
 
+    def evict(self, reason: str) -> None:
+        """Admission chose this unauthenticated connection to make room for a newer one."""
+        self._counted_unauth = False
+        self.fw.metrics.unauthenticated.set(self.fw.unauthenticated)
+        self.refuse("preauth-evicted", reason)
+        if self.conn is not None:
+            self.conn.abort()
+
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._counted_unauth:
+        if not self.authenticated and self.conn is not None:
             # Login timeout, failed logins, or a scanner: nothing published, but not silent.
             self.fw.metrics.unauthenticated_closed.inc()
-            log.info(
+            self.fw.note(
+                "closed-before-auth",
+                self.peer_host,
                 "closed before authentication",
                 peer=self.peer,
-                user=self.user,
-                error=str(exc) if exc else None,
+                user=self._loggable_user(),
+                error=str(exc)[:200] if exc else None,
             )
         self._leave_unauthenticated()
         self.closed = True
@@ -329,7 +385,19 @@ class _Connection(asyncssh.SSHServer):
 
     def begin_auth(self, username: str) -> bool:
         self.user = username
+        self._asked_auth = True
         return True
+
+    def preauth_progress(self) -> int:
+        if self._asked_auth:
+            return 2
+        return 1 if self.conn is not None and self.conn.get_extra_info("client_version") else 0
+
+    def _loggable_user(self) -> str | None:
+        """Before authentication the user name is a claim, maybe a pasted token."""
+        if self.user is None or self.authenticated:
+            return self.user
+        return self.fw.authenticator.loggable_user(self.user)
 
     def public_key_auth_supported(self) -> bool:
         return False
@@ -349,6 +417,13 @@ class _Connection(asyncssh.SSHServer):
         return len(responses) == 1 and await self.validate_password(username, responses[0])
 
     async def validate_password(self, username: str, password: str) -> bool:
+        try:
+            self.budget.auth_try()
+        except Exceeded as exc:  # MaxAuthTries: a guesser must reconnect (and be admitted)
+            self.refuse(exc.kind, str(exc))
+            if self.conn is not None:
+                self.conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, str(exc))
+            return False
         decision = await self.fw.authenticator.login(username, password, self.peer_host)
         if decision.ok:
             self.token = Secret(password)
@@ -375,13 +450,18 @@ class _Connection(asyncssh.SSHServer):
     def _leave_unauthenticated(self) -> None:
         if self._counted_unauth:
             self._counted_unauth = False
-            self.fw.unauthenticated -= 1
+            self.fw.preauth.leave(self)
             self.fw.metrics.unauthenticated.set(self.fw.unauthenticated)
 
     # asyncssh callbacks: what the authenticated client asks for
 
     def session_requested(self) -> Any:
         assert self.conn is not None
+        try:
+            self.budget.channel()
+        except Exceeded as exc:
+            self.refuse(exc.kind, str(exc))
+            return False
         chan = self.conn.create_server_channel(encoding=None)
         chan.__class__ = _PolicyChannel
         cast(_PolicyChannel, chan)._policy_refuse = lambda kind, reason: self.refuse(kind, reason)
@@ -418,6 +498,11 @@ class _Connection(asyncssh.SSHServer):
         service = listen_host
         if session is None or self.closed:
             return False
+        try:
+            self.budget.forward_request()
+        except Exceeded as exc:
+            self.refuse(exc.kind, str(exc))
+            return False
         if service not in self.fw.settings.allowed_services:
             self.refuse("service", f"service {service[:64]!r} is not allowed", service=service[:64])
             return False
@@ -425,7 +510,7 @@ class _Connection(asyncssh.SSHServer):
             self.refuse("service", f"service {service!r} is already forwarded")
             return False
         if self.control is not None:
-            if service not in self.reserved:
+            if service not in self.announced:
                 self.refuse("service", f"service {service!r} was not announced in hello")
                 return False
         else:
@@ -487,6 +572,8 @@ class _Connection(asyncssh.SSHServer):
         return True
 
     def control_data(self, data: bytes) -> None:
+        if self.closed:
+            return
         try:
             messages = self.conversation.receive_data(data)
         except p.ProtocolError as exc:
@@ -494,6 +581,12 @@ class _Connection(asyncssh.SSHServer):
             for message in exc.decoded:
                 self.deliver(message)
             self.protocol_error(exc)
+            return
+        if messages and not self.frames.allow(len(messages)):
+            rate = self.fw.settings.control_frame_rate
+            self.protocol_error(
+                p.ProtocolError("rate-limited", f"more than {rate:g} control frames per second")
+            )
             return
         for message in messages:
             self.deliver(message)
@@ -527,7 +620,16 @@ class _Connection(asyncssh.SSHServer):
         self.fail(f"protocol error: {exc}", exc.code)
 
     def refuse(self, kind: str, reason: str, **extra: Any) -> None:
-        self.fw.refuse(kind, reason, user=self.user, peer=self.peer, **extra)
+        self.fw.refuse(kind, reason, user=self._loggable_user(), peer=self.peer, **extra)
+        if self.budget.refused() and not self.closed:
+            limit = self.fw.limits.max_refusals
+            self.fw.refuse(
+                "refusal-limit",
+                f"more than {limit} refused requests on one connection",
+                user=self._loggable_user(),
+                peer=self.peer,
+            )
+            self.fail(f"more than {limit} refused requests", "refusal-limit")
 
     def fail(self, reason: str, code: str = "session-ended") -> None:
         """End the session with an ``error`` frame the agent reads before the line goes."""
@@ -611,7 +713,7 @@ class _Connection(asyncssh.SSHServer):
         if isinstance(event, p.Hello):
             return self._hello(session, event)
         if isinstance(event, p.Ready):
-            missing = sorted(set(self.reserved) - set(session.forwards))
+            missing = sorted(self.announced - set(session.forwards))
             if missing:
                 log.warning("ready with missing forwards", session=session.id, missing=missing)
             await self._publish(session)
@@ -620,13 +722,20 @@ class _Connection(asyncssh.SSHServer):
             now = time.time()
             session.last_heartbeat = now
             session.counters = event.counters
-            session.services_up.update(event.counters.services_up)
+            reported = event.counters.services_up
+            unknown = sorted(set(reported) - self.announced)
+            if unknown:
+                self.refuse("service", f"heartbeat reports unannounced services {unknown[:4]}")
+            session.services_up.update((n, up) for n, up in reported.items() if n in self.announced)
             self.fw.metrics.observe_counters(session)
             if session.published:
                 self.fw.publisher.heartbeat(session)
             self.send(p.HeartbeatAck(seq=event.seq, sent_at=event.sent_at, received_at=now))
             return None
         if isinstance(event, p.ServiceStatus):
+            if event.name not in self.announced:
+                self.refuse("service", f"status of unannounced service {event.name!r}")
+                return None
             session.services_up[event.name] = event.up
             log.info("service", session=session.id, service=event.name, up=event.up)
             return None
@@ -659,15 +768,11 @@ class _Connection(asyncssh.SSHServer):
             if service.name not in self.fw.settings.allowed_services:
                 self.refuse("service", f"service {service.name!r} is not allowed")
                 continue
-            try:
-                port = self.fw.ports.reserve()
-            except PortsExhausted as exc:
-                self.refuse("ports-exhausted", str(exc))
-                self.fail(str(exc), "ports-exhausted")
-                return str(exc)
-            self.reserved[service.name] = port
+            # No port yet: one is reserved when the forward is requested (a hello alone
+            # must hold nothing), and the forward's reply tells the agent which.
+            self.announced.add(service.name)
             addresses.append(
-                p.ServiceAddress(name=service.name, host=self.fw.advertise_host, port=port)
+                p.ServiceAddress(name=service.name, host=self.fw.advertise_host, port=0)
             )
         self.send(
             p.Welcome(

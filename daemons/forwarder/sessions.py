@@ -184,16 +184,23 @@ class SessionRegistry:
         self._live[session.id] = session
 
     def check_limit(self, session: Session) -> None:
-        """Refuse a new identity beyond the per-user limit; a takeover is always fine."""
-        if session.identity is not None and session.identity in self._published:
-            return
+        """Refuse a session beyond the per-user limit, pending ones included.
+
+        A takeover (the identity is published: a reconnect after a half-dead connection)
+        may go one over the limit, and only while the user has no other pending session:
+        otherwise pending ``hello``s claiming one published identity would be unbounded.
+        """
         others = [s for s in self._live.values() if s.user == session.user and s is not session]
-        replaced = {s.identity for s in others if s.identity == session.identity}
-        if len(others) - len(replaced) >= self._max_per_user:
-            raise SessionLimit(
-                f"user {session.user!r} already has {len(others)} sessions "
-                f"(limit {self._max_per_user})"
-            )
+        if len(others) < self._max_per_user:
+            return
+        takeover = session.identity is not None and session.identity in self._published
+        pending = [s for s in others if not s.published]
+        if takeover and len(others) == self._max_per_user and not pending:
+            return
+        raise SessionLimit(
+            f"user {session.user!r} already has {len(others)} sessions "
+            f"(limit {self._max_per_user}, pending ones included)"
+        )
 
     def publish(self, session: Session) -> Session | None:
         """Publish ``session``; returns the session it replaced, already unpublished."""

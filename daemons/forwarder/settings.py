@@ -37,6 +37,16 @@ class ForwarderSettings:
     allowed_services: tuple[str, ...] = c.option(c.name_list, ("scheduler", "dashboard"))
     max_sessions_per_user: int = c.option(c.positive_int, 20)
     max_unauthenticated: int = c.option(c.positive_int, 100)
+    # Admission (daemons/forwarder/admission.py): per-source and per-connection allowances.
+    max_unauthenticated_per_source: int = c.option(c.positive_int, 32)
+    max_auth_tries: int = c.option(c.positive_int, 6)
+    max_channels_per_connection: int = c.option(c.positive_int, 4)
+    max_forward_requests_per_connection: int = c.option(c.positive_int, 16)
+    max_refusals_per_connection: int = c.option(c.positive_int, 32)
+    control_frame_rate: float = c.option(c.positive_float, 20.0)
+    control_frame_burst: int = c.option(c.positive_int, 100)
+    # Repeated refusals: one line per source and kind per interval, then a count.
+    log_summary_interval: float = c.option(c.positive_float, 10.0)
     login_timeout: float = c.option(c.positive_float, 30.0)
     keepalive_interval: float = c.option(c.positive_float, 15.0)
     keepalive_count_max: int = c.option(c.positive_int, 4)
