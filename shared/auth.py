@@ -952,6 +952,9 @@ class Authenticator:
                 self.limiter.record_failure(peer_host, user)
             elif decision.outcome is Outcome.ACCEPT:
                 self.limiter.record_success(peer_host, user)
+            # A token the hub says is this user's (even one refused for its scopes) proves the
+            # name is a user name, not a token typed into the wrong field.
+            if decision.ok or decision.for_the_client:
                 self._known_users[user] = None
                 self._known_users.move_to_end(user)
                 while len(self._known_users) > _MAX_KNOWN_USERS:
@@ -964,7 +967,7 @@ class Authenticator:
         level = log.info if decision.ok else log.warning
         level(
             "auth",
-            user=user if decision.ok else self.loggable_user(user),
+            user=self.loggable_user(user),
             peer=peer_host,
             outcome=decision.outcome.value,
             reason=decision.reason,
