@@ -72,6 +72,11 @@ SERVICE_NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,30}")
 MAX_SERVICES = 8
 MAX_NAME_LENGTH = 253  # identifiers: Kubernetes names, job ids, versions
 MAX_TEXT_LENGTH = 1024  # free text: reasons, messages
+# What an agent accepts from a forwarder: a heartbeat every 0.1 s would be a busy loop, one an
+# hour a session nobody can tell is dead; an address is a host name or an IP literal.
+MIN_HEARTBEAT_INTERVAL = 0.1
+MAX_HEARTBEAT_INTERVAL = 3600.0
+HOST_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*")
 _PLAIN_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 # Integers are bounded so that peers written in languages with fixed-width integers (and JSON
@@ -179,10 +184,18 @@ class _Int(_Validator):
 
 
 class _Float(_Validator):
-    def __init__(self, minimum: float | None = None, *, exclusive: bool = False) -> None:
-        self.minimum, self.exclusive = minimum, exclusive
+    def __init__(
+        self,
+        minimum: float | None = None,
+        *,
+        exclusive: bool = False,
+        maximum: float | None = None,
+    ) -> None:
+        self.minimum, self.exclusive, self.maximum = minimum, exclusive, maximum
         if minimum is None:
             self.expected = "a finite number"
+        elif maximum is not None:
+            self.expected = f"a number in {minimum:g}..{maximum:g}"
         else:
             self.expected = f"a finite number {'>' if exclusive else '>='} {minimum:g}"
 
@@ -198,6 +211,8 @@ class _Float(_Validator):
         if self.minimum is not None and (
             number < self.minimum or (self.exclusive and number == self.minimum)
         ):
+            raise self._bad(value, path)
+        if self.maximum is not None and number > self.maximum:
             raise self._bad(value, path)
         return number
 
@@ -448,7 +463,7 @@ class ServiceAddress(_Model):
 
     _SCHEMA: ClassVar[Mapping[str, _Validator]] = {
         "name": _SERVICE_NAME,
-        "host": _Str(nonempty=True, max_length=MAX_NAME_LENGTH),
+        "host": _Str(HOST_RE, max_length=MAX_NAME_LENGTH),
         "port": _Int(0, 65535, "an int in 0..65535"),
     }
 
@@ -512,7 +527,7 @@ class Welcome(_Model):
     _SCHEMA: ClassVar[Mapping[str, _Validator]] = {
         "version": _Int(1, _I32_MAX, "an int in 1..2**31-1"),
         "session_id": _Str(),
-        "heartbeat_interval": _Float(0.0, exclusive=True),
+        "heartbeat_interval": _Float(MIN_HEARTBEAT_INTERVAL, maximum=MAX_HEARTBEAT_INTERVAL),
         "services": _Tuple(_Nested(ServiceAddress), unique_names=True),
     }
 
@@ -986,6 +1001,13 @@ class Conversation:
                     f"welcome chose protocol version {msg.version}, "
                     f"but hello offered {list(offered)}",
                     "version",
+                )
+            asked = {s.name for s in self.hello.services} if self.hello is not None else set()
+            if unasked := sorted({a.name for a in msg.services} - asked):
+                raise ProtocolError(
+                    "bad-field",
+                    f"welcome addresses services the hello did not announce: {unasked}",
+                    "services",
                 )
             self.welcome = msg
             self.version = msg.version

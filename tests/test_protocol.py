@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shared.protocol import (
+    HOST_RE,
     MAX_FRAME_SIZE,
     MAX_NAME_LENGTH,
     MAX_SERVICES,
@@ -57,7 +58,8 @@ ports = st.integers(1, 65535)
 jobs = st.builds(JobInfo, global_job_id=text, cluster_id=counts, proc_id=counts, schedd=text)
 pods = st.builds(PodInfo, namespace=text, name=text, uid=text)
 service_specs = st.builds(ServiceSpec, name=names, port=ports)
-service_addresses = st.builds(ServiceAddress, name=names, host=text.filter(bool), port=ports)
+hosts = st.from_regex(HOST_RE, fullmatch=True).filter(lambda h: len(h) <= 253)
+service_addresses = st.builds(ServiceAddress, name=names, host=hosts, port=ports)
 counters = st.builds(
     AgentCounters,
     connections=counts,
@@ -80,7 +82,7 @@ welcomes = st.builds(
     Welcome,
     version=st.integers(1, 2**31 - 1),
     session_id=text,
-    heartbeat_interval=st.floats(min_value=1e-3, max_value=1e6),
+    heartbeat_interval=st.floats(min_value=0.1, max_value=3600),
     services=st.lists(service_addresses, max_size=4, unique_by=lambda s: s.name).map(tuple),
 )
 readies = st.builds(Ready, services=st.lists(names, max_size=4, unique=True).map(tuple))
@@ -713,3 +715,44 @@ def test_conversation_receive_only_raises_protocol_error(msgs: list[Message]) ->
         assert set(codes) <= {"unexpected-message", "no-common-version"}
         if codes:
             assert conv.state is ConversationState.CLOSED
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("heartbeat_interval", 0.01),  # a busy loop of heartbeats
+        ("heartbeat_interval", 1e6),  # a session nobody could tell is dead
+        ("services", [{"name": "scheduler", "host": "svc.ns\nFAKE LOG LINE", "port": 1}]),
+        ("services", [{"name": "scheduler", "host": "a b", "port": 1}]),
+    ],
+)
+def test_agent_refuses_welcome_values_out_of_bounds(field: str, value: object) -> None:
+    agent, fwd = pair()
+    fwd.receive_data(agent.send(HELLO))
+    body = {"type": "welcome", "version": 1, "session_id": "s", "heartbeat_interval": 5.0}
+    body[field] = value
+    frame = struct.pack(">I", len(raw := json.dumps(body).encode())) + raw
+    assert field in unexpected(agent, frame, code="bad-field")
+
+
+def test_agent_refuses_addresses_for_services_it_did_not_announce() -> None:
+    agent, fwd = pair()
+    fwd.receive_data(agent.send(HELLO))
+    extra = Welcome(
+        version=1,
+        session_id="s",
+        heartbeat_interval=5,
+        services=(ServiceAddress(name="jupyter", host="10.0.0.1", port=1),),
+    )
+    assert "['jupyter']" in unexpected(agent, encode(extra), code="bad-field")
+    # Hosts as forwarders really advertise them pass: names, IPv4 and IPv6 literals.
+    for host in ("svc.ns", "10.0.0.12", "fd00::1", "forwarder-0.jobtunnel.svc"):
+        ok_agent, ok_fwd = pair()
+        ok_fwd.receive_data(ok_agent.send(HELLO))
+        ok = Welcome(
+            version=1,
+            session_id="s",
+            heartbeat_interval=5,
+            services=(ServiceAddress(name="scheduler", host=host, port=40000),),
+        )
+        assert ok_agent.receive_data(ok_fwd.send(ok)) == [ok]
