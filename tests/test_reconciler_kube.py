@@ -1088,6 +1088,102 @@ async def test_scheduler_pod_replaced(world: World, crds: KubeAPIServer) -> None
         assert original_spec(await world.service("rep")) == original_spec(before)
 
 
+async def test_endpoint_follows_the_forwarder_and_goes_with_the_cluster(
+    world: World, crds: KubeAPIServer
+) -> None:
+    """The forwarder pod goes not ready and back, then another replica takes the session over:
+    the endpoint follows each time. The DaskCluster is deleted: no slice is left behind."""
+    forwarder = await world.forwarder_pod()
+    other_ip = "10.244.1.11"
+    other = await world.forwarder_pod("forwarder-1", ip=other_ip)
+    await world.dask_cluster("fol", "alice")
+    before = await world.service("fol")
+    pod = await call_json(
+        world.core.read_namespaced_pod, await world.scheduler_pod_name("fol"), world.ns
+    )
+    async with running(world.settings(), crds) as reconciler:
+        await world.tunnel("t-fol", "alice", pod, forwarder)
+        await wait_for(lambda: routed_to(world, "fol"), 30, "routed to forwarder-0")
+
+        # Not ready: the endpoint stays, marked not ready (kube-proxy skips it); Routed False.
+        await world.forwarder_status("forwarder-0", ready=False)
+
+        async def not_ready() -> bool:
+            ours = await world.our_slice("fol")
+            cond = await world.condition("t-fol", "Routed")
+            return bool(
+                ours
+                and ours["endpoints"][0]["conditions"]["ready"] is False
+                and cond
+                and cond["reason"] == "ForwarderNotReady"
+            )
+
+        await wait_for(not_ready, 30, "the endpoint not ready with its forwarder")
+        assert await world.endpoints("fol") == []
+        await world.forwarder_status("forwarder-0", ready=True)
+        await wait_for(lambda: routed_to(world, "fol"), 30, "ready again")
+
+        # The agent reconnects to forwarder-1, which takes the Tunnel over (its spec and owner).
+        await call_json(
+            world.custom.patch_namespaced_custom_object,
+            G,
+            V,
+            world.fwd_ns,
+            "tunnels",
+            "t-fol",
+            {
+                "metadata": {
+                    "ownerReferences": [
+                        {
+                            "apiVersion": "v1",
+                            "kind": "Pod",
+                            "name": "forwarder-1",
+                            "uid": other["metadata"]["uid"],
+                        }
+                    ]
+                },
+                "spec": {
+                    "forwarder": {"podName": "forwarder-1", "podIP": other_ip},
+                    "services": [
+                        {"name": "scheduler", "port": 40051, "remotePort": 8786},
+                        {"name": "dashboard", "port": 40052, "remotePort": 8787},
+                    ],
+                },
+            },
+            _content_type="application/merge-patch+json",
+        )
+        await wait_for(
+            lambda: routed_to(world, "fol", (40051, 40052), other_ip), 30, "moved to forwarder-1"
+        )
+        # The forwarder pod's IP changes (a pod is never re-addressed, but the rule is the
+        # same): followed through the forwarder pod watch alone.
+        await world.forwarder_status("forwarder-1", ip="10.244.1.12")
+        await wait_for(
+            lambda: routed_to(world, "fol", (40051, 40052), "10.244.1.12"), 30, "the new IP"
+        )
+        assert original_spec(await world.service("fol")) == original_spec(before)
+
+        # The user deletes the DaskCluster: the Service goes, and with it (garbage collector,
+        # owner reference) our slice; the reconciler says ServiceNotFound and writes nothing.
+        await call_json(
+            world.custom.delete_namespaced_custom_object,
+            DG,
+            DV,
+            world.ns,
+            "daskclusters",
+            "fol",
+            propagation_policy="Foreground",
+        )
+
+        async def gone() -> bool:
+            cond = await world.condition("t-fol", "Routed")
+            return await unrouted(world, "fol") and bool(cond and cond["status"] == "False")
+
+        await wait_for(gone, 120, "no slice left after the DaskCluster")  # GC: discovery resync
+        await _reconciled_all(reconciler)
+        assert await world.our_slice("fol") is None
+
+
 async def test_restarts_converge(world: World, crds: KubeAPIServer) -> None:
     forwarder = await world.forwarder_pod()
     for name in ("r1", "r2", "r3"):
