@@ -4,7 +4,7 @@ routed Service (issue 6), with ``/api/v1`` enabled and disabled, and kopf never 
 The path of every request the operator makes, all real except the two stand-ins marked *::
 
     operator (kopf) --*DNS--> <cluster>-scheduler.<ns>:8787 (or :8786)
-        --*kube-proxy--> the Service's Endpoints (the reconciler's targetPort)
+        --*kube-proxy--> the Service's EndpointSlices (the reconciler's: forwarder pod IP, port)
         --> forwarder listener --SSH--> agent --> real ``dask scheduler``
 
 - *DNS*: the operator runs in a private mount namespace whose ``/etc/hosts`` (a bind-mounted copy
@@ -12,9 +12,10 @@ The path of every request the operator makes, all real except the two stand-ins 
   ``.svc.cluster.local`` forms) to a loopback alias; the machine's ``/etc/hosts`` is untouched.
   Needs root (mount namespaces); skipped with the reason otherwise.
 - *kube-proxy*: :class:`tests.fakes.kube_proxy.FakeKubeProxy` listens on that alias at the
-  Service ports and relays each connection to the Service's current ready Endpoints, read from
-  the API (the real endpoints controller computed them); see its module for the translation of
-  the forwarder pod's fake IP to 127.0.0.1.
+  Service ports and relays each connection to the Service's current ready endpoints, read from
+  the API as kube-proxy reads them (every EndpointSlice with the Service's name label: the
+  reconciler's and the EndpointSlice controller's); see its module for the translation of the
+  forwarder pod's fake IP to 127.0.0.1.
 
 The operator here is a dedicated instance started with the hosts file: the session's operator
 (``dask_operator``) is stopped for this module, so that two operators never handle one
@@ -38,7 +39,6 @@ import random
 import re
 import shutil
 import subprocess
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +65,6 @@ from tests.harness import (
     free_port,
     http_get,
     wait_for_sync,
-    write_token_file,
 )
 from tests.kube import KubeAPIServer, kube_api  # noqa: F401
 from tests.test_e2e_operator import (
@@ -73,16 +72,14 @@ from tests.test_e2e_operator import (
     DEADLINE,
     DG,
     DV,
-    TOKENS,
     Scheduler,
     Stack,
-    _clean_namespace,
-    create_forwarder_pod,
     fully_routed,
     listener_ports,
+    make_stack,
     wait_for,
 )
-from tests.test_reconciler_kube import USER_LABEL, admin_client, apply_crds
+from tests.test_reconciler_kube import USER_LABEL, apply_crds
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -232,18 +229,9 @@ async def stack(
     tmp_path: Path,
 ) -> AsyncIterator[Stack]:
     operator = routed_operator.operator
-    write_token_file(tmp_path / "tokens", TOKENS)
-    ns = f"autoscale-{uuid.uuid4().hex[:8]}"
     ip = f"10.246.{random.randrange(0, 250)}.{random.randrange(2, 250)}"
-    async with await admin_client(operator.kube) as api:
-        core = client.CoreV1Api(api)
-        await core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
-        try:
-            uid = await create_forwarder_pod(core, ns, ip)
-            yield Stack(operator.kube, operator, api, ns, tmp_path, ip, uid)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await _clean_namespace(api, operator, ns)
+    async with make_stack(operator.kube, operator, tmp_path, "autoscale", ip) as made:
+        yield made
 
 
 # -- reads -------------------------------------------------------------------------------------
@@ -347,7 +335,7 @@ async def test_autoscaler_and_retire_reach_the_scheduler_through_the_service(
     http_api: bool,
 ) -> None:
     """The autoscaler's polls, the idle check and a scale-down's retire reach the real scheduler
-    through DNS, the (fake) kube-proxy, the routed Endpoints and the tunnel. With ``/api/v1``
+    through DNS, the (fake) kube-proxy, the routing EndpointSlice and the tunnel. With ``/api/v1``
     the HTTP calls succeed; without it each gets a 404 and the operator's RPC fallback on 8786
     takes the same path. The worker Deployments shrink to what the scheduler retired; kopf
     never fails or retries."""
@@ -473,7 +461,7 @@ async def test_autoscaler_and_retire_reach_the_scheduler_through_the_service(
                     "the operator's last call through the proxy to end",
                 )
 
-                # While routed, every connection went to the routed Endpoints (the forwarder
+                # While routed, every connection went to the routed endpoint (the forwarder
                 # pod's listeners), and the operator never failed to reach the scheduler.
                 # (Once unrouted, the idle check finds the scheduler pod's unreachable IP:
                 # a warning by design, not a retry.)

@@ -20,6 +20,12 @@ real thing.
   and the endpoints whose ``conditions.ready`` is not false (absent means ready, as in the
   API), picks one round-robin, and relays bytes both ways until both sides are done; with no
   ready endpoint the connection is closed at once (kube-proxy rejects);
+- **loopback endpoints are skipped**: InterLink's virtual kubelet reports 127.0.0.1 as the
+  offloaded scheduler pod's IP, and the EndpointSlice controller publishes it because the
+  Service still selects that pod. API validation refuses loopback slice addresses from
+  Kubernetes 1.21 on (the controller then writes nothing and warns), so no real cluster this
+  product supports routes to it; the 1.20 test apiserver does not check yet, so this fake drops
+  what a current API server would have refused;
 - **address translation**: an endpoint address is a pod IP (e.g. the forwarder pod's fake IP
   ``10.245.0.2``: API validation rejects loopback addresses), which routes nowhere on this
   machine, while the forwarder under test runs in the test process and binds its listeners on
@@ -40,6 +46,7 @@ relayed at once (more are closed), each at most ``max_lifetime`` seconds; stoppe
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import itertools
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -182,6 +189,8 @@ class FakeKubeProxy:
                 if (endpoint.get("conditions") or {}).get("ready") is False:
                     continue
                 for address in endpoint.get("addresses") or []:
+                    if ipaddress.ip_address(address).is_loopback:
+                        continue  # see the module: never in a 1.21+ cluster's slices
                     candidates += [(str(address), slice_port) for slice_port in slice_ports]
         if not candidates:
             return None
