@@ -662,8 +662,8 @@ class World:
         """What kube-proxy would route to: ready endpoints of all slices, ports by name.
 
         Loopback addresses are left out as :mod:`tests.fakes.kube_proxy` explains (the 1.20
-        EndpointSlice controller publishes the virtual kubelet's 127.0.0.1, which API
-        validation refuses from 1.21 on).
+        EndpointSlice controller publishes the virtual kubelet's 127.0.0.1, which current API
+        servers refuse).
         """
         out = []
         for item in await self.slices(cluster):

@@ -22,10 +22,11 @@ real thing.
   ready endpoint the connection is closed at once (kube-proxy rejects);
 - **loopback endpoints are skipped**: InterLink's virtual kubelet reports 127.0.0.1 as the
   offloaded scheduler pod's IP, and the EndpointSlice controller publishes it because the
-  Service still selects that pod. API validation refuses loopback slice addresses from
-  Kubernetes 1.21 on (the controller then writes nothing and warns), so no real cluster this
-  product supports routes to it; the 1.20 test apiserver does not check yet, so this fake drops
-  what a current API server would have refused;
+  Service still selects that pod. Current API servers refuse loopback slice addresses
+  (``ValidateEndpointIP`` in the discovery validation; the controller then writes nothing and
+  warns with an Event on the Service), so a real cluster never routes to it; the 1.20 test
+  apiserver validates only the address syntax, so this fake drops what a current API server
+  would have refused;
 - **address translation**: an endpoint address is a pod IP (e.g. the forwarder pod's fake IP
   ``10.245.0.2``: API validation rejects loopback addresses), which routes nowhere on this
   machine, while the forwarder under test runs in the test process and binds its listeners on
@@ -190,7 +191,7 @@ class FakeKubeProxy:
                     continue
                 for address in endpoint.get("addresses") or []:
                     if ipaddress.ip_address(address).is_loopback:
-                        continue  # see the module: never in a 1.21+ cluster's slices
+                        continue  # see the module: refused by current API servers
                     candidates += [(str(address), slice_port) for slice_port in slice_ports]
         if not candidates:
             return None
