@@ -179,6 +179,9 @@ class Reconciler:
         # Tunnel key -> (namespace, cluster) as last verified: maps cluster events to Tunnels.
         self._cluster_of: dict[str, tuple[str, str]] = {}
         self._tunnel_seen: dict[str, tuple[Any, ...]] = {}
+        # UIDs of scheduler pods this replica made ready: a re-assertion after the virtual
+        # kubelet's overwrite is not news (no Event).
+        self._made_ready: set[str] = set()
         self.reconciles = 0
         timeout, to = settings.watch_timeout, self._timeout
 
@@ -898,7 +901,17 @@ class Reconciler:
                 return False
             raise
         self.metrics.readiness_writes.labels(ready=str(ready).lower()).inc()
-        log.info("scheduler pod readiness", pod=f"{meta['namespace']}/{meta['name']}", ready=ready)
+        uid = str(meta.get("uid"))
+        where = f"{meta['namespace']}/{meta['name']}"
+        if ready and uid in self._made_ready:
+            # The virtual kubelet wiped it again: routine, so no Event and a quiet log line.
+            log.debug("scheduler pod readiness re-asserted", pod=where)
+            return True
+        if ready:
+            self._made_ready.add(uid)
+        else:
+            self._made_ready.discard(uid)
+        log.info("scheduler pod readiness", pod=where, ready=ready)
         if outcome is not None and ready:
             outcome.notes.append(
                 (
