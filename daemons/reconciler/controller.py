@@ -608,8 +608,21 @@ class Reconciler:
             )
             return
         state: dict[str, Any] = {"superseded_by": None, "changed": False, "found": True}
+        # The steady state (the slice already right) costs no request: the watch caches answer
+        # it, and any change to the Service or the slice triggers another reconcile. Anything
+        # that writes is computed from fresh reads.
+        cached: dict[str, Obj | None] = {
+            "service": self.services.cache.get(f"{ns}/{service_name}"),
+            "slice": self.slices.cache.get(f"{ns}/{slice_name}"),
+        }
 
         async def attempt() -> bool:
+            service, current = cached.pop("service", None), cached.pop("slice", None)
+            if service is not None and current is not None:
+                owner = route.routed_by(current)
+                wanted = route.desired_slice(service, endpoint, ports, by, self.slice_version)
+                if owner == by and route.slice_patch(current, wanted) is None:
+                    return False
             service = await get_or_none(
                 self._core.read_namespaced_service, service_name, ns, _request_timeout=self._timeout
             )
