@@ -94,7 +94,8 @@ def apply_crds(kube: KubeAPIServer) -> None:
     for doc in docs:
         while True:
             status, body = kube.request("GET", f"{base}/{doc['metadata']['name']}")
-            conds = (body or {}).get("status", {}).get("conditions", []) if status == 200 else []
+            status_ = (body or {}).get("status") or {} if status == 200 else {}
+            conds = status_.get("conditions") or []
             if any(c["type"] == "Established" and c["status"] == "True" for c in conds):
                 break
             if time.monotonic() > deadline:

@@ -149,7 +149,7 @@ def test_endpoint_slice_routes_by_port_name_and_is_idempotent() -> None:
     assert (meta["name"], meta["namespace"]) == ("c-scheduler-jobtunnel", "ns")
     assert meta["labels"] == {
         "kubernetes.io/service-name": "c-scheduler",
-        "endpointslice.kubernetes.io/managed-by": "jobtunnel.io/reconciler",
+        "endpointslice.kubernetes.io/managed-by": "reconciler.jobtunnel.io",
     }
     assert meta["ownerReferences"] == [
         {"apiVersion": "v1", "kind": "Service", "name": "c-scheduler", "uid": "s1"}

@@ -6,7 +6,7 @@ EndpointSlice controller makes for that selector the reconciler keeps one Endpoi
 own, ``<service>-jobtunnel`` in the Service's namespace:
 
 - labels ``kubernetes.io/service-name: <service>`` (kube-proxy merges every slice carrying it,
-  whoever manages it) and ``endpointslice.kubernetes.io/managed-by: jobtunnel.io/reconciler``
+  whoever manages it) and ``endpointslice.kubernetes.io/managed-by: reconciler.jobtunnel.io``
   (the EndpointSlice controller only touches slices managed by ``endpointslice-controller.k8s.io``,
   so it leaves this one alone);
 - an owner reference to the Service, so the garbage collector deletes it with the Service (a
@@ -46,7 +46,7 @@ SLICE_PLURAL = "endpointslices"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 MANAGED_BY_LABEL = "endpointslice.kubernetes.io/managed-by"
 #: Our managed-by value: anything but the EndpointSlice controller's own keeps it off our slice.
-MANAGED_BY = "jobtunnel.io/reconciler"
+MANAGED_BY = "reconciler.jobtunnel.io"
 MANAGED_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY}"
 
 #: Service port name / port number -> the session service name it carries.
