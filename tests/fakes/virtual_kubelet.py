@@ -51,6 +51,8 @@ class FakeVirtualKubelet:
     pod_ip: str = LOOPBACK
     writes: list[tuple[float, str, str]] = field(default_factory=list)
     conflicts: int = 0
+    #: Loops that failed (API server unreachable...): recorded, the loop goes on.
+    errors: list[str] = field(default_factory=list)
     loops: int = 0
     _looped: anyio.Event = field(default_factory=anyio.Event)
 
@@ -112,7 +114,10 @@ class FakeVirtualKubelet:
         task_status.started()
         while True:
             await anyio.sleep(self.interval)  # the status loop's period, not synchronisation
-            await self.loop_once()
+            try:
+                await self.loop_once()
+            except Exception as exc:  # an API server restart: the real one logs and loops on
+                self.errors.append(f"{type(exc).__name__}: {exc}"[:300])
 
     async def next_loops(self, n: int = 1, timeout: float = 30.0) -> None:
         """Wait until ``n`` more loops have completed (a deadline, not a sleep)."""
