@@ -373,7 +373,7 @@ async def make_stack(
             await core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
         try:
             uid = await create_forwarder_pod(core, fwd_ns, ip)
-            async with running_virtual_kubelet(api, [ns], VIRTUAL_NODE, interval=1.0) as vk:
+            async with running_virtual_kubelet(api, [ns], VIRTUAL_NODE, interval=2.0) as vk:
                 yield Stack(kube, operator, api, ns, tmp_path, ip, uid, fwd_ns, vk)
         finally:
             with anyio.CancelScope(shield=True):
