@@ -1022,9 +1022,13 @@ async def test_namespace_rule(api: client.ApiClient, crds: KubeAPIServer) -> Non
                 assert await alice.our_slice("ac") is None
                 await alice.tunnel("alice-1", "alice", pod, forwarder)
                 await wait_for(lambda: routed_to(alice, "ac"), 30, "alice's cluster routed")
-                own = await alice.condition("alice-1", "Routed")
-                assert own is not None
-                assert own["status"] == "True", own
+
+                # The condition is written after the slice: wait for it, don't race it.
+                async def routed_true() -> bool:
+                    own = await alice.condition("alice-1", "Routed")
+                    return bool(own and own["status"] == "True")
+
+                await wait_for(routed_true, 30, "Routed=True on alice's Tunnel")
                 assert original_spec(await alice.service("ac")) == original_spec(before)
 
                 async def ready() -> bool:
