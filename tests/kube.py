@@ -2,9 +2,11 @@
 
 Why not a fake: the reconciler's correctness depends on what the API server really does
 (RBAC, merge patches, status subresources, custom resources, resourceVersion conflicts) and on
-two controllers we lean on instead of re-implementing them: the garbage collector (a Tunnel is
-owned by the forwarder pod that holds the session) and the endpoints controller (a routed Service
-selects the forwarder pod). Nothing runs pods here: tests write pod status themselves.
+controllers we lean on or must live beside: the garbage collector (a Tunnel is owned by the
+forwarder pod that holds the session, the reconciler's EndpointSlice by its Service) and the
+endpoints and EndpointSlice controllers (they keep selecting a routed Service's scheduler pod).
+Nothing runs pods here: tests write pod status themselves, or ``tests/fakes/virtual_kubelet.py``
+does, as InterLink's virtual kubelet would.
 
 The binaries are built from Debian's Kubernetes 1.20.2 source by ``scripts/setup-kube`` into
 ``~/.cache/jobtunnel/kube-1.20.2/bin``; etcd is Debian's ``etcd-server``. Usage::
@@ -69,9 +71,10 @@ UNPRIVILEGED_USER = "jobtunnel-test-nobody"
 SERVICE_CLUSTER_IP_RANGE = "10.96.0.0/16"
 #: Controllers of kube-controller-manager, ``*`` being its defaults. No kubelet runs here, so:
 #: nodelifecycle would mark every pod NotReady ~40 s after its (fake) node stopped "reporting",
-#: and podgc would delete pods bound to a node that has no Node object. The EndpointSlice
-#: controllers are off because 1.20 serves no discovery.k8s.io/v1; we rely on Endpoints.
-CONTROLLERS = ("*", "-endpointslice", "-endpointslicemirroring", "-nodelifecycle", "-podgc")
+#: and podgc would delete pods bound to a node that has no Node object. The endpoint and
+#: EndpointSlice controllers run (1.20 writes discovery.k8s.io/v1beta1): the reconciler's own
+#: slice must live beside theirs, untouched by them.
+CONTROLLERS = ("*", "-nodelifecycle", "-podgc")
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
 APISERVER_GRACE = 2.0

@@ -4,7 +4,7 @@ routed Service (issue 6), with ``/api/v1`` enabled and disabled, and kopf never 
 The path of every request the operator makes, all real except the two stand-ins marked *::
 
     operator (kopf) --*DNS--> <cluster>-scheduler.<ns>:8787 (or :8786)
-        --*kube-proxy--> the Service's Endpoints (the reconciler's targetPort)
+        --*kube-proxy--> the Service's EndpointSlices (the reconciler's: forwarder pod IP, port)
         --> forwarder listener --SSH--> agent --> real ``dask scheduler``
 
 - *DNS*: the operator runs in a private mount namespace whose ``/etc/hosts`` (a bind-mounted copy
@@ -12,9 +12,10 @@ The path of every request the operator makes, all real except the two stand-ins 
   ``.svc.cluster.local`` forms) to a loopback alias; the machine's ``/etc/hosts`` is untouched.
   Needs root (mount namespaces); skipped with the reason otherwise.
 - *kube-proxy*: :class:`tests.fakes.kube_proxy.FakeKubeProxy` listens on that alias at the
-  Service ports and relays each connection to the Service's current ready Endpoints, read from
-  the API (the real endpoints controller computed them); see its module for the translation of
-  the forwarder pod's fake IP to 127.0.0.1.
+  Service ports and relays each connection to the Service's current ready endpoints, read from
+  the API as kube-proxy reads them (every EndpointSlice with the Service's name label: the
+  reconciler's and the EndpointSlice controller's); see its module for the translation of the
+  forwarder pod's fake IP to 127.0.0.1.
 
 The operator here is a dedicated instance started with the hosts file: the session's operator
 (``dask_operator``) is stopped for this module, so that two operators never handle one
@@ -38,7 +39,7 @@ import random
 import re
 import shutil
 import subprocess
-import uuid
+import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +66,6 @@ from tests.harness import (
     free_port,
     http_get,
     wait_for_sync,
-    write_token_file,
 )
 from tests.kube import KubeAPIServer, kube_api  # noqa: F401
 from tests.test_e2e_operator import (
@@ -73,16 +73,15 @@ from tests.test_e2e_operator import (
     DEADLINE,
     DG,
     DV,
-    TOKENS,
     Scheduler,
     Stack,
-    _clean_namespace,
-    create_forwarder_pod,
     fully_routed,
     listener_ports,
+    make_stack,
+    tunnels_json,
     wait_for,
 )
-from tests.test_reconciler_kube import USER_LABEL, admin_client, apply_crds
+from tests.test_reconciler_kube import USER_LABEL, apply_crds, original_spec
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -232,18 +231,9 @@ async def stack(
     tmp_path: Path,
 ) -> AsyncIterator[Stack]:
     operator = routed_operator.operator
-    write_token_file(tmp_path / "tokens", TOKENS)
-    ns = f"autoscale-{uuid.uuid4().hex[:8]}"
     ip = f"10.246.{random.randrange(0, 250)}.{random.randrange(2, 250)}"
-    async with await admin_client(operator.kube) as api:
-        core = client.CoreV1Api(api)
-        await core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
-        try:
-            uid = await create_forwarder_pod(core, ns, ip)
-            yield Stack(operator.kube, operator, api, ns, tmp_path, ip, uid)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await _clean_namespace(api, operator, ns)
+    async with make_stack(operator.kube, operator, tmp_path, "autoscale", ip) as made:
+        yield made
 
 
 # -- reads -------------------------------------------------------------------------------------
@@ -347,7 +337,7 @@ async def test_autoscaler_and_retire_reach_the_scheduler_through_the_service(
     http_api: bool,
 ) -> None:
     """The autoscaler's polls, the idle check and a scale-down's retire reach the real scheduler
-    through DNS, the (fake) kube-proxy, the routed Endpoints and the tunnel. With ``/api/v1``
+    through DNS, the (fake) kube-proxy, the routing EndpointSlice and the tunnel. With ``/api/v1``
     the HTTP calls succeed; without it each gets a 404 and the operator's RPC fallback on 8786
     takes the same path. The worker Deployments shrink to what the scheduler retired; kopf
     never fails or retries."""
@@ -473,7 +463,7 @@ async def test_autoscaler_and_retire_reach_the_scheduler_through_the_service(
                     "the operator's last call through the proxy to end",
                 )
 
-                # While routed, every connection went to the routed Endpoints (the forwarder
+                # While routed, every connection went to the routed endpoint (the forwarder
                 # pod's listeners), and the operator never failed to reach the scheduler.
                 # (Once unrouted, the idle check finds the scheduler pod's unreachable IP:
                 # a warning by design, not a retry.)
@@ -492,3 +482,130 @@ async def test_autoscaler_and_retire_reach_the_scheduler_through_the_service(
     # No handler or timer failed or retried, unrouting and the scheduler's exit included.
     assert operator.problems(since) == [], operator.log()[since:]
     operator.check_alive()
+
+
+# -- a user's KubeCluster ----------------------------------------------------------------------
+
+#: What a notebook runs, in a process of its own (a private mount namespace whose /etc/hosts is
+#: the hosts file: cluster DNS for the Service name). kr8s gets the 1.20 discovery fill-in of
+#: ``kr8s_discovery_as_in_supported_kubernetes``, nothing else.
+USER_SCRIPT = """
+import sys
+from kr8s._api import Api
+
+original = Api.async_api_resources_uncached
+
+
+async def resources(self):
+    found = await original(self)
+    for resource in found:
+        if not resource.get("singularName") and resource.get("kind"):
+            resource["singularName"] = str(resource["kind"]).lower()
+    return found
+
+
+Api.async_api_resources_uncached = resources
+
+from distributed import Client  # noqa: E402
+from jobtunnel.dask import OffloadedKubeCluster  # noqa: E402
+
+namespace, name, selector, taint = sys.argv[1:5]
+cluster = OffloadedKubeCluster(
+    name=name,
+    namespace=namespace,
+    image="ghcr.io/dask/dask:latest",
+    forwarder="forwarder.example.org:31022",
+    host_key_fingerprint="SHA256:" + "A" * 43,
+    user="alice",
+    create_token_secret=False,
+    n_workers=1,
+    node_selector=dict([selector.split("=", 1)]),
+    tolerations=[{"key": taint, "operator": "Exists", "effect": "NoSchedule"}],
+)
+print("SCHEDULER", cluster.scheduler_address, flush=True)
+with Client(cluster, timeout=60) as client:
+    print("RESULT", client.submit(sum, [20, 22]).result(timeout=60), flush=True)
+cluster.close()
+"""
+
+
+async def test_kubecluster_from_the_user_helper_computes_through_the_tunnel(
+    stack: Stack,
+    routed_operator: RoutedOperator,
+) -> None:
+    """``OffloadedKubeCluster(...)`` as a notebook runs it: it creates the DaskCluster, waits as
+    kr8s does for the scheduler pod (the fake virtual kubelet wiping ContainersReady all along),
+    dials ``tcp://<cluster>-scheduler.<ns>:8786`` (DNS, the fake kube-proxy, the reconciler's
+    EndpointSlice, the forwarder, SSH, the agent, a real ``dask scheduler``) and computes on a
+    real worker; the operator's Service is never modified."""
+    operator = routed_operator.operator
+    cluster = "kc"
+    service = f"{cluster}-scheduler"
+    alias = loopback_alias()
+    routed_operator.hosts.add(
+        alias,
+        f"{service}.{stack.ns}",
+        f"{service}.{stack.ns}.svc",
+        f"{service}.{stack.ns}.svc.cluster.local",
+    )
+    env = base_env()
+    env["KUBECONFIG"] = str(stack.kube.kubeconfig)
+    mount = 'mount --bind "$0" /etc/hosts && exec "$@"'
+    (selector,) = [f"{k}={v}" for k, v in VIRTUAL_NODE_SELECTOR.items()]
+    argv = [
+        *("unshare", "--mount", "--propagation", "private", "sh", "-c", mount),
+        str(routed_operator.hosts.path),
+        sys.executable,
+        "-c",
+        USER_SCRIPT,
+        stack.ns,
+        cluster,
+        selector,
+        VIRTUAL_NODE_TOLERATIONS[0]["key"],
+    ]
+    with running_scheduler(stack.tmp, http_api=True) as scheduler:
+        async with stack.forwarder() as fw, stack.reconciler():
+            user = Process(argv, stack.tmp / "user.log", env=env)
+            try:
+                # kube-scheduler's part: bind the pod the operator's Deployment makes.
+                async def made() -> bool:
+                    assert user.proc.poll() in (None, 0), user.log()
+                    found = await call_json(
+                        client.AppsV1Api(stack.api).list_namespaced_deployment,
+                        stack.ns,
+                        label_selector=f"dask.org/cluster-name={cluster}",
+                    )
+                    names = {d["metadata"]["name"] for d in found.get("items") or []}
+                    return service in names
+
+                await wait_for(made, 2 * DEADLINE, "KubeCluster's DaskCluster and Deployment")
+                # InterLink's pod IP from the first status on (the fake virtual kubelet writes the
+                # same): a routable one would give the EndpointSlice controller a dead endpoint.
+                pod = await operator.run_pod(stack.ns, service, pod_ip="127.0.0.1")
+                before = await stack.world.service(cluster)
+                translate = {stack.forwarder_ip: "127.0.0.1"}
+                async with (
+                    running_kube_proxy(stack.api, stack.ns, service, alias, translate) as proxy,
+                    stack.agent(fw, scheduler, pod, private_ip="127.0.0.1"),
+                    running_workers(stack.tmp, scheduler, ["kc-worker"]),
+                ):
+
+                    def done() -> bool:
+                        assert user.proc.poll() in (None, 0), user.log()
+                        return "RESULT 42" in user.log()
+
+                    await wait_for(lambda: _true(done()), 3 * DEADLINE, "KubeCluster computes")
+                    assert f"SCHEDULER tcp://{service}.{stack.ns}:{COMM}" in user.log()
+                    assert proxy.count(COMM) >= 1
+                    listeners = {
+                        f"{stack.forwarder_ip}:{str(address).rpartition(':')[2]}"
+                        for entry in await tunnels_json(fw)
+                        for address in entry["services"].values()
+                    }
+                    assert {c.endpoint for c in proxy.connections if c.relayed} <= listeners
+                    assert original_spec(await stack.world.service(cluster)) == original_spec(
+                        before
+                    )
+                    assert stack.vk.loops >= 2
+            finally:
+                user.stop()

@@ -5,18 +5,20 @@ Everything is real except what no machine here can run: the real dask-kubernetes
 ``tests/dask_operator.py``) against the real kube-apiserver + kube-controller-manager
 (``tests/kube.py``); the real forwarder with its :class:`KubernetesPublisher`, real agents over
 real SSH, the real reconciler, all three in this process; a real ``dask scheduler`` subprocess
-as the service behind the agents. ``run_pod`` plays kube-scheduler and InterLink's virtual
-kubelet (bind to the virtual node, Running, ``Ready`` only).
+as the service behind the agents. ``run_pod`` plays kube-scheduler (bind to the virtual node)
+and the first status of InterLink's virtual kubelet (Running, ``Ready`` only).
 
-Layout (a design constraint, see the reconciler's ``ForwarderInOtherNamespace``): a Service
-selects pods of its own namespace only, so the forwarder pod, its Tunnels, the DaskClusters and
-their scheduler pods share one namespace per test, as in Zero-to-JupyterHub's default layout;
-users are told apart by the KubeSpawner label ``hub.jupyter.org/username`` (the operator copies
-a DaskCluster's labels into its scheduler Deployment's pod template).
+Layout, as an operator installs it: the forwarder pod and its Tunnels in a namespace of their
+own (the reconciler's ``namespace``), the DaskClusters and their scheduler pods in a user
+namespace (the hub's, where users are told apart by the KubeSpawner label
+``hub.jupyter.org/username``, which the operator copies into the scheduler's pod template). The
+routed Service is never modified: the reconciler's EndpointSlice points it at the forwarder pod.
 
-The forwarder pod is an object whose status the test writes (Ready, a non-loopback pod IP:
-Endpoints reject loopback); the forwarder itself listens on 127.0.0.1, so traffic tests dial
-``127.0.0.1:<listener port>`` and Kubernetes-side assertions look at the Endpoints.
+The forwarder pod is an object whose status the test writes (Ready, a non-loopback pod IP); the
+forwarder itself listens on 127.0.0.1, so traffic tests dial ``127.0.0.1:<listener port>`` and
+Kubernetes-side assertions look at the EndpointSlices. Every pod on the virtual node has its
+status overwritten throughout by ``tests/fakes/virtual_kubelet.py`` (podIP 127.0.0.1, conditions
+replaced by ``[Ready]`` on every loop), as InterLink's virtual kubelet does.
 """
 
 from __future__ import annotations
@@ -48,9 +50,10 @@ from prometheus_client import CollectorRegistry
 from daemons.agent.session import AgentIdentity, AgentSession
 from daemons.forwarder.kube import KubernetesPublisher
 from daemons.reconciler.controller import Reconciler
-from daemons.reconciler.kube import FORWARDER_POD_LABEL, ORIGINAL_ANNOTATION, call_json
+from daemons.reconciler.kube import call_json
 from shared import protocol as p
 from tests.dask_operator import VIRTUAL_NODE, DaskOperator, dask_operator  # noqa: F401
+from tests.fakes.virtual_kubelet import FakeVirtualKubelet, running_virtual_kubelet
 from tests.harness import (
     RunningForwarder,
     agent_settings,
@@ -186,10 +189,13 @@ class Stack:
     tmp: Path
     forwarder_ip: str
     forwarder_uid: str
+    #: The forwarder's namespace (its pod, its Tunnels, the reconciler's Lease).
+    fwd_ns: str
+    vk: FakeVirtualKubelet
 
     @property
     def world(self) -> World:
-        return World(self.api, self.ns)
+        return World(self.api, self.ns, self.fwd_ns, self.vk)
 
     @property
     def core(self) -> client.CoreV1Api:
@@ -201,7 +207,7 @@ class Stack:
         async with await admin_client(self.kube) as api:
             publisher = KubernetesPublisher(
                 api,
-                namespace=self.ns,
+                namespace=self.fwd_ns,
                 pod_name=FORWARDER_POD,
                 pod_ip=self.forwarder_ip,
                 heartbeat_interval=30.0,
@@ -226,7 +232,7 @@ class Stack:
                 scope.cancel()
 
     def settings(self) -> Any:
-        return settings_for(self.ns, virtual_node=VIRTUAL_NODE)
+        return settings_for(self.fwd_ns, self.ns, virtual_node=VIRTUAL_NODE)
 
     @contextlib.asynccontextmanager
     async def agent(
@@ -276,7 +282,7 @@ class Stack:
             client.CustomObjectsApi(self.api).list_namespaced_custom_object,
             G,
             V,
-            self.ns,
+            self.fwd_ns,
             "tunnels",
         )
         for item in items.get("items") or []:
@@ -347,18 +353,31 @@ async def stack(
     dask_operator: DaskOperator,  # noqa: F811
     tmp_path: Path,
 ) -> AsyncIterator[Stack]:
+    async with make_stack(kube, dask_operator, tmp_path, "e2e", next(_forwarder_ips)) as made:
+        yield made
+
+
+@contextlib.asynccontextmanager
+async def make_stack(
+    kube: KubeAPIServer, operator: DaskOperator, tmp_path: Path, prefix: str, ip: str
+) -> AsyncIterator[Stack]:
+    """Two fresh namespaces (users', forwarder's), the forwarder pod object, the fake virtual
+    kubelet on the users' namespace; everything deleted afterwards."""
     write_token_file(tmp_path / "tokens", TOKENS)
-    ns = f"e2e-{uuid.uuid4().hex[:8]}"
-    ip = next(_forwarder_ips)
+    base = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    ns, fwd_ns = f"{base}-hub", f"{base}-jobtunnel"
     async with await admin_client(kube) as api:
         core = client.CoreV1Api(api)
-        await core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
+        for name in (ns, fwd_ns):
+            await core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
         try:
-            uid = await create_forwarder_pod(core, ns, ip)
-            yield Stack(kube, dask_operator, api, ns, tmp_path, ip, uid)
+            uid = await create_forwarder_pod(core, fwd_ns, ip)
+            async with running_virtual_kubelet(api, [ns], VIRTUAL_NODE, interval=2.0) as vk:
+                yield Stack(kube, operator, api, ns, tmp_path, ip, uid, fwd_ns, vk)
         finally:
             with anyio.CancelScope(shield=True):
-                await _clean_namespace(api, dask_operator, ns)
+                await _clean_namespace(api, operator, ns)
+                await call_json(core.delete_namespace, fwd_ns)
 
 
 async def create_forwarder_pod(core: client.CoreV1Api, ns: str, ip: str) -> str:
@@ -437,21 +456,20 @@ async def listener_ports(fw: RunningForwarder, session: AgentSession) -> dict[st
     raise AssertionError(f"session {session.state.session_id} not in /tunnels")
 
 
-def routed_ports(service: dict[str, Any]) -> dict[str, Any]:
-    return {port["name"]: port["targetPort"] for port in service["spec"]["ports"]}
-
-
-async def is_routed_to(stack: Stack, cluster: str, ports: dict[str, int]) -> bool:
-    service = await stack.world.service(cluster)
-    return service["spec"].get("selector") == {FORWARDER_POD_LABEL: FORWARDER_POD} and (
-        routed_ports(service)
-        == {"tcp-comm": ports["scheduler"], "http-dashboard": ports["dashboard"]}
-    )
-
-
 async def endpoints_are(stack: Stack, cluster: str, ports: dict[str, int]) -> bool:
-    wanted = [(stack.forwarder_ip, sorted(ports.values()))]
+    """What kube-proxy sees: one ready endpoint, the forwarder pod, the listener ports under
+    the Service's port names."""
+    wanted = [
+        (
+            stack.forwarder_ip,
+            {"tcp-comm": ports["scheduler"], "http-dashboard": ports["dashboard"]},
+        )
+    ]
     return await stack.world.endpoints(cluster) == wanted
+
+
+async def unrouted(stack: Stack, cluster: str) -> bool:
+    return await stack.world.our_slice(cluster) is None
 
 
 async def routed_condition(stack: Stack, session: AgentSession) -> bool:
@@ -462,12 +480,11 @@ async def routed_condition(stack: Stack, session: AgentSession) -> bool:
 async def fully_routed(
     stack: Stack, fw: RunningForwarder, session: AgentSession, cluster: str, pod_name: str
 ) -> bool:
-    """Service, Endpoints, Tunnel condition and scheduler pod readiness all say "routed"."""
+    """EndpointSlice, Tunnel condition and scheduler pod readiness all say "routed"."""
     ports = await listener_ports(fw, session)
     conditions = await stack.world.pod_conditions(pod_name)
     return (
-        await is_routed_to(stack, cluster, ports)
-        and await endpoints_are(stack, cluster, ports)
+        await endpoints_are(stack, cluster, ports)
         and await routed_condition(stack, session)
         and conditions.get("ContainersReady") == "True"
         and conditions.get("Ready") == "True"
@@ -552,16 +569,11 @@ async def test_operator_cluster_end_to_end(
                 "Service, Endpoints, Routed condition and pod readiness",
             )
             ports = await listener_ports(fw, agent)
-            service = await stack.world.service("analysis")
-            saved = json.loads(service["metadata"]["annotations"][ORIGINAL_ANNOTATION])
-            assert saved == {
-                "selector": before["spec"]["selector"],
-                "ports": before["spec"]["ports"],
-            }
-            # The forwarder pod carries no dask.org/* label (issue 6): only its own.
-            fwd = await call_json(stack.core.read_namespaced_pod, FORWARDER_POD, stack.ns)
+            # The operator's Service, byte for byte as it made it.
+            assert original_spec(await stack.world.service("analysis")) == original_spec(before)
+            # The forwarder pod carries no dask.org/* label (issue 6).
+            fwd = await call_json(stack.core.read_namespaced_pod, FORWARDER_POD, stack.fwd_ns)
             assert not [k for k in fwd["metadata"]["labels"] if k.startswith("dask.org/")]
-            assert fwd["metadata"]["labels"][FORWARDER_POD_LABEL] == FORWARDER_POD
 
             address = f"tcp://192.168.7.21:{scheduler.port}"
             await wait_for(
@@ -593,8 +605,10 @@ async def test_operator_cluster_end_to_end(
             assert info["address"] == f"tcp://127.0.0.1:{scheduler.port}"
 
             # The dashboard port: what the operator's autoscaler/retire path and a browser use.
-            assert routed_ports(service)["http-dashboard"] == ports["dashboard"]
             await check_dashboard(ports["dashboard"])
+            # All along, the virtual kubelet kept overwriting the pod's status.
+            assert stack.vk.loops >= 2
+            assert original_spec(await stack.world.service("analysis")) == original_spec(before)
 
             # Nothing above made kopf fail or retry.
             dask_operator.check_alive()
@@ -603,17 +617,16 @@ async def test_operator_cluster_end_to_end(
         # The agent left (bye): everything back as the operator made it.
         async def undone() -> bool:
             service = await stack.world.service("analysis")
-            annotations = service["metadata"].get("annotations") or {}
             conditions = await stack.world.pod_conditions(pod_name)
             return (
                 original_spec(service) == original_spec(before)
-                and ORIGINAL_ANNOTATION not in annotations
+                and await unrouted(stack, "analysis")
                 and await stack.tunnel_of(agent) is None
                 and not await tunnels_json(fw)
-                and conditions.get("ContainersReady") == "False"
+                and conditions.get("ContainersReady") != "True"
             )
 
-        await wait_for(undone, DEADLINE, "Service restored, Tunnel gone, ContainersReady False")
+        await wait_for(undone, DEADLINE, "slice deleted, Tunnel gone, not ContainersReady")
         await wait_for(
             lambda: _workers_restored(stack, "analysis", operator_address),
             DEADLINE,
@@ -624,6 +637,7 @@ async def test_operator_cluster_end_to_end(
             DEADLINE,
             "the Unrouted Event",
         )
+        await stack.vk.next_loops(2)
         assert await stack.kr8s_ready(pod_name, "analysis") == (False, False)
     dask_operator.check_alive()
     assert dask_operator.problems(since) == [], dask_operator.log()[since:]
@@ -701,6 +715,8 @@ async def test_forged_claims_are_never_routed(
             for cluster, original in before.items():
                 if original_spec(await stack.world.service(cluster)) != original_spec(original):
                     changed.append(cluster)
+                if not await unrouted(stack, cluster):
+                    changed.append(f"{cluster}: EndpointSlice")
             for session, (_, _, _, reason, _) in zip(sessions, claims, strict=True):
                 verified = await stack.tunnel_condition(session, "Verified")
                 routed = await stack.tunnel_condition(session, "Routed")
@@ -721,11 +737,11 @@ async def test_forged_claims_are_never_routed(
             return await _has_reason(stack, "DaskCluster", "bobs", "TunnelRefused")
 
         await wait_for(events, DEADLINE, "Refused Events on the Tunnels and Bob's DaskCluster")
-        assert changed == [], f"a forged claim changed a Service: {changed}"
+        assert changed == [], f"a forged claim was routed: {changed}"
         for cluster, original in before.items():
             service = await stack.world.service(cluster)
             assert original_spec(service) == original_spec(original)
-            assert ORIGINAL_ANNOTATION not in (service["metadata"].get("annotations") or {})
+            assert await unrouted(stack, cluster)
         assert (await stack.world.pod_conditions(bob_pod.metadata.name)).get(
             "ContainersReady"
         ) is None
@@ -754,16 +770,11 @@ async def test_restarts_converge(
         await wait_for(lambda: workers_point_at(stack, "resilient", address, 1), DEADLINE, "env")
         routed_service = (await stack.world.service("resilient"))["spec"]
 
-        # The reconciler stops; meanwhile the virtual kubelet resets ContainersReady and the
+        # The reconciler stops; meanwhile the virtual kubelet wipes ContainersReady and the
         # cluster scales up. Nobody watches.
         first.cancel()
-        await call_json(
-            stack.core.patch_namespaced_pod_status,
-            pod_name,
-            stack.ns,
-            {"status": {"conditions": [{"type": "ContainersReady", "status": "False"}]}},
-            _content_type="application/strategic-merge-patch+json",
-        )
+        await stack.vk.next_loops(2)
+        assert (await stack.world.pod_conditions(pod_name)).get("ContainersReady") is None
         await dask_operator.scale(stack.ns, "resilient", 2)
         await dask_operator.wait_for_objects(stack.ns, "resilient", n_workers=2)
         _, second = await start_reconciler(tg, stack.settings(), stack.kube)
@@ -780,13 +791,6 @@ async def test_restarts_converge(
         await anyio.to_thread.run_sync(stack.kube.restart_apiserver)
         await dask_operator.scale(stack.ns, "resilient", 3)
         await dask_operator.wait_for_objects(stack.ns, "resilient", n_workers=3)
-        await call_json(
-            stack.core.patch_namespaced_pod_status,
-            pod_name,
-            stack.ns,
-            {"status": {"conditions": [{"type": "ContainersReady", "status": "False"}]}},
-            _content_type="application/strategic-merge-patch+json",
-        )
         await wait_for(
             lambda: fully_routed(stack, fw, agent, "resilient", pod_name),
             DEADLINE,
@@ -799,7 +803,7 @@ async def test_restarts_converge(
 
 
 async def test_forwarder_pod_deleted(stack: Stack, scheduler: Scheduler) -> None:
-    """The forwarder pod goes: the garbage collector deletes its Tunnels, Services come back."""
+    """The forwarder pod goes: the garbage collector deletes its Tunnels, their slices go."""
     pods = {name: await stack.cluster(name, "alice") for name in ("gc1", "gc2")}
     before = {name: await stack.world.service(name) for name in pods}
     async with (
@@ -830,7 +834,7 @@ async def test_forwarder_pod_deleted(stack: Stack, scheduler: Scheduler) -> None
             tunnel_names.append(tunnel["metadata"]["name"])
 
         await call_json(
-            stack.core.delete_namespaced_pod, FORWARDER_POD, stack.ns, grace_period_seconds=0
+            stack.core.delete_namespaced_pod, FORWARDER_POD, stack.fwd_ns, grace_period_seconds=0
         )
 
         async def collected() -> bool:
@@ -840,12 +844,15 @@ async def test_forwarder_pod_deleted(stack: Stack, scheduler: Scheduler) -> None
             for name, original in before.items():
                 if original_spec(await stack.world.service(name)) != original_spec(original):
                     return False
+                if not await unrouted(stack, name):
+                    return False
             return True
 
-        await wait_for(collected, GC_DEADLINE, "Tunnels garbage-collected and Services restored")
+        await wait_for(collected, GC_DEADLINE, "Tunnels garbage-collected and slices deleted")
+        await stack.vk.next_loops(2)
         for name, pod in pods.items():
             conditions = await stack.world.pod_conditions(str(pod.metadata.name))
-            assert conditions.get("ContainersReady") == "False", name
+            assert conditions.get("ContainersReady") != "True", name
 
 
 async def test_scheduler_pod_replaced(
@@ -911,18 +918,16 @@ async def test_scheduler_pod_replaced(
                 DEADLINE,
                 "still routed to the new session",
             )
-            service = await stack.world.service("phoenix")
-            by = json.loads(service["metadata"]["annotations"]["jobtunnel.io/routed-by"])
+            ours = await stack.world.our_slice("phoenix")
+            assert ours is not None
+            by = json.loads(ours["metadata"]["annotations"]["jobtunnel.io/routed-by"])
             assert by["pod"]["uid"] == str(new.metadata.uid)
-            assert await is_routed_to(stack, "phoenix", ports)
+            assert await endpoints_are(stack, "phoenix", ports)
             assert await workers_point_at(stack, "phoenix", address, 1)
-            saved = json.loads(service["metadata"]["annotations"][ORIGINAL_ANNOTATION])
-            assert saved["selector"] == before["spec"]["selector"]
+            assert original_spec(await stack.world.service("phoenix")) == original_spec(before)
 
-        async def restored() -> bool:
-            return original_spec(await stack.world.service("phoenix")) == original_spec(before)
-
-        await wait_for(restored, DEADLINE, "the Service restored after both sessions")
+        await wait_for(lambda: unrouted(stack, "phoenix"), DEADLINE, "unrouted after both")
+        assert original_spec(await stack.world.service("phoenix")) == original_spec(before)
 
 
 async def _tunnel_gone(stack: Stack, name: str) -> bool:

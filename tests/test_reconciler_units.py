@@ -126,25 +126,79 @@ def apply_merge_patch(target: Any, patch: Any) -> Any:
     return out
 
 
-def test_route_and_restore_round_trip() -> None:
-    by = route.RoutedBy("jobtunnel/t1", "ns", "c-scheduler-x", "u1")
-    routed = route.routed_spec(route.original_of(SERVICE), "fwd-0", {"scheduler": 40001})
-    patch = route.route_patch(SERVICE, routed, by)
-    assert patch is not None
-    after = apply_merge_patch(SERVICE, patch)
-    assert after["spec"]["selector"] == {"jobtunnel.io/forwarder-pod": "fwd-0"}
-    assert [p["targetPort"] for p in after["spec"]["ports"]] == [40001, 8787]
-    assert route.route_patch(after, routed, by) is None  # idempotent
-    # Routing again (another session) keeps the first original.
-    again = route.routed_spec(route.original_of(after), "fwd-1", {"scheduler": 40005})
-    after2 = apply_merge_patch(after, route.route_patch(after, again, by))
-    assert json.loads(after2["metadata"]["annotations"][route.ORIGINAL_ANNOTATION]) == {
-        "selector": SERVICE["spec"]["selector"],
-        "ports": SERVICE["spec"]["ports"],
+def forwarder(ip: str = "10.244.1.10", ready: str = "True") -> dict[str, Any]:
+    return {
+        "metadata": {"name": "fwd-0", "namespace": "jobtunnel", "uid": "f0"},
+        "status": {
+            "phase": "Running",
+            "podIP": ip,
+            "conditions": [{"type": "Ready", "status": ready}],
+        },
     }
-    restored = apply_merge_patch(after2, route.restore_patch(after2))
-    assert restored["spec"] == SERVICE["spec"]
-    assert not restored["metadata"].get("annotations")
+
+
+def test_endpoint_slice_routes_by_port_name_and_is_idempotent() -> None:
+    service = {**SERVICE, "metadata": {**SERVICE["metadata"], "uid": "s1"}}
+    by = route.RoutedBy("jobtunnel/t1", "ns", "c-scheduler-x", "u1")
+    endpoint = route.forwarder_endpoint(forwarder())
+    assert endpoint is not None
+    ports = {"scheduler": 40001, "dashboard": 40002}
+    wanted = route.desired_slice(service, endpoint, ports, by, "v1")
+    assert wanted["apiVersion"] == "discovery.k8s.io/v1"
+    meta = wanted["metadata"]
+    assert (meta["name"], meta["namespace"]) == ("c-scheduler-jobtunnel", "ns")
+    assert meta["labels"] == {
+        "kubernetes.io/service-name": "c-scheduler",
+        "endpointslice.kubernetes.io/managed-by": "reconciler.jobtunnel.io",
+    }
+    assert meta["ownerReferences"] == [
+        {"apiVersion": "v1", "kind": "Service", "name": "c-scheduler", "uid": "s1"}
+    ]
+    assert wanted["addressType"] == "IPv4"
+    assert wanted["endpoints"][0]["addresses"] == ["10.244.1.10"]
+    assert wanted["endpoints"][0]["conditions"] == {"ready": True}
+    # The Service's port names, the listener ports; nothing of the Service is copied otherwise.
+    assert wanted["ports"] == [
+        {"name": "tcp-comm", "port": 40001, "protocol": "TCP"},
+        {"name": "http-dashboard", "port": 40002, "protocol": "TCP"},
+    ]
+    # As the API server returns it (defaults filled in): nothing to patch.
+    stored = json.loads(json.dumps(wanted))
+    stored["metadata"].update(resourceVersion="9", uid="x", generation=1)
+    stored["endpoints"][0]["conditions"].update(serving=True, terminating=False)
+    assert route.slice_patch(stored, wanted) is None
+    # The forwarder pod goes not ready, then moves: a patch guarded by the resourceVersion.
+    not_ready = route.forwarder_endpoint(forwarder(ready="False"))
+    assert not_ready is not None
+    patch = route.slice_patch(stored, route.desired_slice(service, not_ready, ports, by, "v1"))
+    assert patch is not None
+    assert patch["metadata"]["resourceVersion"] == "9"
+    assert patch["endpoints"][0]["conditions"] == {"ready": False}
+    moved = route.forwarder_endpoint(forwarder(ip="10.244.1.11"))
+    assert moved is not None
+    patch = route.slice_patch(stored, route.desired_slice(service, moved, ports, by, "v1"))
+    assert patch is not None
+    assert patch["endpoints"][0]["addresses"] == ["10.244.1.11"]
+    assert route.routed_by(wanted) == by
+
+
+def test_forwarder_endpoint_needs_a_routable_ip() -> None:
+    assert route.forwarder_endpoint(None) is None
+    assert route.forwarder_endpoint(forwarder(ip="")) is None
+    assert route.forwarder_endpoint(forwarder(ip="127.0.0.1")) is None  # validation refuses it
+    gone = forwarder()
+    gone["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    assert route.forwarder_endpoint(gone) is None
+    six = route.forwarder_endpoint(forwarder(ip="fd00::5"))
+    assert six is not None
+    assert six.ip == "fd00::5"
+
+
+def test_slice_version_from_discovery() -> None:
+    both = {"versions": [{"groupVersion": "discovery.k8s.io/v1", "version": "v1"}]}
+    old = {"versions": [{"groupVersion": "discovery.k8s.io/v1beta1", "version": "v1beta1"}]}
+    assert route.choose_version(both) == "v1"
+    assert route.choose_version(old) == "v1beta1"
 
 
 def test_worker_env_set_and_restore() -> None:

@@ -1,23 +1,25 @@
 """The reconciler: watches in, one idempotent reconcile per Tunnel key, Kubernetes writes out.
 
-Level-triggered, controller-runtime style. Watches (Tunnels in the forwarder namespace; Dask
-scheduler Pods and Services, DaskClusters, DaskWorkerGroups and worker Deployments cluster-wide)
+Level-triggered, controller-runtime style. Watches (Tunnels and forwarder pods in the forwarder
+namespace; Dask scheduler Pods and Services, our EndpointSlices, DaskClusters, DaskWorkerGroups
+and worker Deployments cluster-wide)
 only decide *which* Tunnel keys to look at again; every reconcile then reads the current objects
 from the API server and converges them on what the Tunnel implies, so a missed, duplicated or
 reordered event costs nothing, and a restart of the reconciler or the API server only costs a
-relist. Everything the reconciler changed is marked on the changed object itself (annotations
-naming the Tunnel), so a Tunnel that vanished while nobody watched is still cleaned up: every
-marked object is enqueued under its Tunnel's key, and the reconcile of a key whose Tunnel is gone
-restores whatever still carries that key.
+relist. Everything the reconciler wrote is marked with the Tunnel's key (the EndpointSlices it
+owns, annotations on the worker objects it changed), so a Tunnel that vanished while nobody
+watched is still cleaned up: every marked object is enqueued under its Tunnel's key, and the
+reconcile of a key whose Tunnel is gone undoes whatever still carries that key.
 
 One reconcile of key ``ns/name``:
 
-1. read the Tunnel; gone (or deleting): restore what carries the key, done;
-2. verify the claims (:mod:`.verify`, the owner chain included); refused: restore, condition
+1. read the Tunnel; gone (or deleting): undo what carries the key, done;
+2. verify the claims (:mod:`.verify`, the owner chain included); refused: undo, condition
    Verified=False, Events;
-3. job state (:mod:`.jobstep`); ended: restore, Events with the reason, delete the Tunnel;
-4. route the ``<cluster>-scheduler`` Service (:mod:`.route`), the worker groups and worker
-   Deployments (:mod:`.workers`), the scheduler pod's readiness (:mod:`.readiness`);
+3. job state (:mod:`.jobstep`); ended: undo, Events with the reason, delete the Tunnel;
+4. route the ``<cluster>-scheduler`` Service with an EndpointSlice of our own (:mod:`.route`;
+   the Service itself is never written), the worker groups and worker Deployments
+   (:mod:`.workers`), the scheduler pod's readiness (:mod:`.readiness`);
 5. write the Tunnel's status conditions and, for each transition, an Event.
 
 Only the Lease holder (:mod:`.leader`) runs reconciles, the job poller and resyncs; watches run
@@ -177,6 +179,9 @@ class Reconciler:
         # Tunnel key -> (namespace, cluster) as last verified: maps cluster events to Tunnels.
         self._cluster_of: dict[str, tuple[str, str]] = {}
         self._tunnel_seen: dict[str, tuple[Any, ...]] = {}
+        # UIDs of scheduler pods this replica made ready: a re-assertion after the virtual
+        # kubelet's overwrite is not news (no Event).
+        self._made_ready: set[str] = set()
         self.reconciles = 0
         timeout, to = settings.watch_timeout, self._timeout
 
@@ -209,6 +214,23 @@ class Reconciler:
         self.services = informer(
             "Service", self._core.list_service_for_all_namespaces, self._on_marked, scheduler
         )
+        # Chosen by discovery in run(), before any informer lists (v1 from Kubernetes 1.21).
+        self.slice_version = "v1"
+
+        async def list_slices(**kwargs: Any) -> Any:
+            return await self._custom.list_cluster_custom_object(
+                route.DISCOVERY_GROUP, self.slice_version, route.SLICE_PLURAL, **kwargs
+            )
+
+        self.slices = informer(
+            "EndpointSlice", list_slices, self._on_marked, route.MANAGED_SELECTOR
+        )
+        # Forwarder pods (their IP and readiness are the endpoint): the forwarder namespace only.
+        self.forwarders = informer(
+            "Pod",
+            functools.partial(self._core.list_namespaced_pod, settings.namespace),
+            self._on_forwarder_pod,
+        )
         self.clusters = informer(
             "DaskCluster",
             functools.partial(
@@ -236,6 +258,8 @@ class Reconciler:
             self.tunnels,
             self.pods,
             self.services,
+            self.slices,
+            self.forwarders,
             self.clusters,
             self.worker_groups,
             self.deployments,
@@ -250,6 +274,8 @@ class Reconciler:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Watch, elect, reconcile while leading; ``started()`` once all watches have synced."""
+        self.slice_version = await self._discover_slice_version()
+        log.info("EndpointSlice API", version=f"{route.DISCOVERY_GROUP}/{self.slice_version}")
         async with anyio.create_task_group() as tg:
             for inf in self.informers:
                 tg.start_soon(inf.run)
@@ -264,6 +290,21 @@ class Reconciler:
             log.info("watches synced", identity=self.identity)
             await tg.start(self.leader.run, self._lead)
             task_status.started()
+
+    async def _discover_slice_version(self) -> str:
+        """``v1`` where the API server serves it, ``v1beta1`` otherwise (retried until known)."""
+        backoff = 0.2
+        while True:
+            try:
+                group = await call_json(
+                    client.DiscoveryApi(self.api).get_api_group, _request_timeout=self._timeout
+                )
+                return route.choose_version(group)
+            except Exception as exc:  # the API server may still be starting
+                self._error("discovery")
+                log.warning("API discovery failed", error=f"{type(exc).__name__}: {exc}"[:300])
+                await anyio.sleep(backoff)
+                backoff = min(10.0, backoff * 2)
 
     def _leadership_changed(self, leading: bool) -> None:
         self.metrics.is_leader.set(1 if leading else 0)
@@ -310,7 +351,7 @@ class Reconciler:
         """Every Tunnel, plus every key still marked on an object (the orphan sweep)."""
         for key in list(self.tunnels.cache):
             self.queue.add(key)
-        for inf in (self.services, self.worker_groups, self.deployments):
+        for inf in (self.slices, self.worker_groups, self.deployments):
             for obj in list(inf.cache.values()):
                 self._enqueue_marks(obj)
         self.metrics.queue_depth.set(len(self.queue))
@@ -378,6 +419,13 @@ class Reconciler:
         if isinstance(ns, str) and cluster:
             self._enqueue_cluster(ns, cluster)
 
+    def _on_forwarder_pod(self, _kind: str, pod: Obj) -> None:
+        """A forwarder pod's IP or readiness changed (or it went): its Tunnels' endpoints."""
+        name = (pod.get("metadata") or {}).get("name")
+        for key, tunnel in list(self.tunnels.cache.items()):
+            if ((tunnel.get("spec") or {}).get("forwarder") or {}).get("podName") == name:
+                self.queue.add(key)
+
     def _on_cluster(self, _kind: str, obj: Obj) -> None:
         meta = obj.get("metadata") or {}
         ns, name = meta.get("namespace"), meta.get("name")
@@ -385,7 +433,7 @@ class Reconciler:
             self._enqueue_cluster(ns, name)
 
     def _on_marked(self, _kind: str, obj: Obj) -> None:
-        """Services, worker groups, Deployments: their marks, and their cluster's Tunnels."""
+        """Services, our slices, worker groups, Deployments: marks, and their cluster's Tunnels."""
         self._enqueue_marks(obj)
         ns = (obj.get("metadata") or {}).get("namespace")
         cluster = labels_of(obj).get(CLUSTER_LABEL) or (obj.get("spec") or {}).get("cluster")
@@ -531,17 +579,7 @@ class Reconciler:
         ns = str(pod_meta.get("namespace"))
         tunnel_ns = split_key(key)[0]
         service_name = route.scheduler_service_name(cluster)
-        if ns != tunnel_ns:
-            # A Service selects pods of its own namespace only: a forwarder pod elsewhere would
-            # leave it with no endpoints. Refuse loudly rather than route into nothing.
-            await self._unroute(key, "the forwarder cannot be selected from this namespace")
-            outcome.routed = (
-                "False",
-                "ForwarderInOtherNamespace",
-                f"Service {ns}/{service_name} cannot select forwarder pods in namespace "
-                f"{tunnel_ns}: run the DaskCluster in {tunnel_ns} or a forwarder in {ns}",
-            )
-            return
+        slice_name = route.slice_name(service_name)
         forwarder = (spec.get("forwarder") or {}).get("podName")
         ports = route.session_ports(tunnel)
         if not isinstance(forwarder, str) or not forwarder or not ports:
@@ -550,37 +588,62 @@ class Reconciler:
             return
         by = route.RoutedBy(key, ns, str(pod_meta.get("name")), str(pod_meta.get("uid")))
 
-        # Services this key routed that are no longer the right one (the claim moved on).
-        for svc in list(self.services.cache.values()):
-            owner = route.routed_by(svc)
-            if owner is not None and owner.tunnel == key and key_of(svc) != f"{ns}/{service_name}":
-                await self._restore_service(key_of(svc), key, "the session moved to another pod")
+        # Slices this key made that are no longer the right one (the claim moved on).
+        for obj in list(self.slices.cache.values()):
+            owner = route.routed_by(obj)
+            if owner is not None and owner.tunnel == key and key_of(obj) != f"{ns}/{slice_name}":
+                await self._remove_slice(key_of(obj), key, "the session moved to another pod")
 
+        # Fresh reads: these decide where traffic goes.
+        fwd_pod = await get_or_none(
+            self._core.read_namespaced_pod, forwarder, tunnel_ns, _request_timeout=self._timeout
+        )
+        endpoint = route.forwarder_endpoint(fwd_pod)
+        if endpoint is None:
+            await self._unroute(key, f"forwarder pod {tunnel_ns}/{forwarder} has no pod IP")
+            outcome.routed = (
+                "False",
+                "ForwarderPodNotFound",
+                f"forwarder pod {tunnel_ns}/{forwarder} does not exist or has no pod IP",
+            )
+            return
         state: dict[str, Any] = {"superseded_by": None, "changed": False, "found": True}
+        # The steady state (the slice already right) costs no request: the watch caches answer
+        # it, and any change to the Service or the slice triggers another reconcile. Anything
+        # that writes is computed from fresh reads.
+        cached: dict[str, Obj | None] = {
+            "service": self.services.cache.get(f"{ns}/{service_name}"),
+            "slice": self.slices.cache.get(f"{ns}/{slice_name}"),
+        }
 
         async def attempt() -> bool:
+            service, current = cached.pop("service", None), cached.pop("slice", None)
+            if service is not None and current is not None:
+                owner = route.routed_by(current)
+                wanted = route.desired_slice(service, endpoint, ports, by, self.slice_version)
+                if owner == by and route.slice_patch(current, wanted) is None:
+                    return False
             service = await get_or_none(
                 self._core.read_namespaced_service, service_name, ns, _request_timeout=self._timeout
             )
             if service is None:
                 state["found"] = False
                 return False
-            owner = route.routed_by(service)
+            current = await get_or_none(
+                self._custom.get_namespaced_custom_object,
+                route.DISCOVERY_GROUP,
+                self.slice_version,
+                ns,
+                route.SLICE_PLURAL,
+                slice_name,
+                _request_timeout=self._timeout,
+            )
+            owner = route.routed_by(current) if current is not None else None
             if owner is not None and owner.tunnel != key and self._newer_claim(owner.tunnel, key):
                 state["superseded_by"] = owner.tunnel
                 return False
-            routed = route.routed_spec(route.original_of(service), forwarder, ports)
-            patch = route.route_patch(service, routed, by)
-            if patch is None:
-                return False
-            await patch_json(
-                self._core.patch_namespaced_service,
-                service_name,
-                ns,
-                patch,
-                request_timeout=self._timeout,
-            )
-            return True
+            wanted = route.desired_slice(service, endpoint, ports, by, self.slice_version)
+            return await self._write_slice(ns, current, wanted)
 
         state["changed"] = await self._retry(attempt)
         if not state["found"]:
@@ -601,20 +664,85 @@ class Reconciler:
             await self._restore_workers(key)
             return
         mapping = ", ".join(f"{n}->{p}" for n, p in sorted(ports.items()))
+        if state["changed"]:
+            log.info(
+                "routed",
+                tunnel=key,
+                service=f"{ns}/{service_name}",
+                forwarder=forwarder,
+                ip=endpoint.ip,
+                ready=endpoint.ready,
+            )
+        if not endpoint.ready:
+            # The endpoint stays (not ready: kube-proxy skips it) so it comes back by itself.
+            outcome.routed = (
+                "False",
+                "ForwarderNotReady",
+                f"forwarder pod {tunnel_ns}/{forwarder} is not ready",
+            )
+            await self._make_ready(pod, False, None)
+            return
         outcome.routed = (
             "True",
             "Routed",
-            f"Service {ns}/{service_name} selects forwarder pod {forwarder} ({mapping})",
+            f"Service {ns}/{service_name} reaches forwarder pod {tunnel_ns}/{forwarder} "
+            f"at {endpoint.ip} through EndpointSlice {slice_name} ({mapping})",
         )
         outcome.routed_service = f"{ns}/{service_name}"
-        if state["changed"]:
-            log.info("routed", tunnel=key, service=outcome.routed_service, forwarder=forwarder)
 
-        # The Service is what clients wait for; workers and readiness are independent of it and
+        # The endpoint is what clients wait for; workers and readiness are independent of it and
         # of each other, so they go concurrently.
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._route_workers, key, tunnel, ns, cluster, outcome)
             tg.start_soon(self._make_ready, pod, True, outcome)
+
+    async def _write_slice(self, ns: str, current: Obj | None, wanted: Obj) -> bool:
+        """Create or patch our slice to ``wanted``; True when something was written."""
+        name = wanted["metadata"]["name"]
+        args = (route.DISCOVERY_GROUP, self.slice_version, ns, route.SLICE_PLURAL)
+        if current is not None and route.family_changed(current, wanted):
+            await self._delete_slice(ns, name, current)  # addressType is immutable
+            current = None
+        if current is None:
+            # A 409 (made in between) goes to the caller's retry, which reads and patches.
+            await call_json(
+                self._custom.create_namespaced_custom_object,
+                *args,
+                wanted,
+                _request_timeout=self._timeout,
+            )
+            return True
+        patch = route.slice_patch(current, wanted)
+        if patch is None:
+            return False
+        await patch_json(
+            self._custom.patch_namespaced_custom_object,
+            *args,
+            name,
+            patch,
+            request_timeout=self._timeout,
+        )
+        return True
+
+    async def _delete_slice(self, ns: str, name: str, current: Obj) -> bool:
+        """Delete our slice, only the very object read (UID precondition); False if gone."""
+        uid = (current.get("metadata") or {}).get("uid")
+        try:
+            await call_json(
+                self._custom.delete_namespaced_custom_object,
+                route.DISCOVERY_GROUP,
+                self.slice_version,
+                ns,
+                route.SLICE_PLURAL,
+                name,
+                body={"preconditions": {"uid": uid}},
+                _request_timeout=self._timeout,
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
 
     def _newer_claim(self, other: str, mine: str) -> bool:
         """True when Tunnel ``other`` exists, is verified and is newer than ``mine``."""
@@ -785,7 +913,18 @@ class Reconciler:
             if exc.status == 404:
                 return False
             raise
-        log.info("scheduler pod readiness", pod=f"{meta['namespace']}/{meta['name']}", ready=ready)
+        self.metrics.readiness_writes.labels(ready=str(ready).lower()).inc()
+        uid = str(meta.get("uid"))
+        where = f"{meta['namespace']}/{meta['name']}"
+        if ready and uid in self._made_ready:
+            # The virtual kubelet wiped it again: routine, so no Event and a quiet log line.
+            log.debug("scheduler pod readiness re-asserted", pod=where)
+            return True
+        if ready:
+            self._made_ready.add(uid)
+        else:
+            self._made_ready.discard(uid)
+        log.info("scheduler pod readiness", pod=where, ready=ready)
         if outcome is not None and ready:
             outcome.notes.append(
                 (
@@ -800,12 +939,12 @@ class Reconciler:
     # -- undo ----------------------------------------------------------------------------------
 
     async def _unroute(self, key: str, why: str, *, emit: bool = True) -> list[str]:
-        """Restore everything marked with ``key``; returns the clusters touched ("ns/cluster")."""
+        """Undo everything marked with ``key``; returns the clusters touched ("ns/cluster")."""
         touched: list[str] = []
-        for svc in list(self.services.cache.values()):
-            owner = route.routed_by(svc)
+        for obj in list(self.slices.cache.values()):
+            owner = route.routed_by(obj)
             if owner is not None and owner.tunnel == key:
-                cluster = await self._restore_service(key_of(svc), key, why, emit=emit)
+                cluster = await self._remove_slice(key_of(obj), key, why, emit=emit)
                 if cluster:
                     touched.append(cluster)
         restored = await self._restore_workers(key)
@@ -832,26 +971,29 @@ class Reconciler:
                     self.queue.add(other)
         return touched
 
-    async def _restore_service(
-        self, svc_key: str, key: str, why: str, *, emit: bool = True
+    async def _remove_slice(
+        self, slice_key: str, key: str, why: str, *, emit: bool = True
     ) -> str | None:
-        ns, name = split_key(svc_key)
+        ns, name = split_key(slice_key)
         found: dict[str, Any] = {}
 
         async def attempt() -> bool:
-            service = await get_or_none(
-                self._core.read_namespaced_service, name, ns, _request_timeout=self._timeout
+            current = await get_or_none(
+                self._custom.get_namespaced_custom_object,
+                route.DISCOVERY_GROUP,
+                self.slice_version,
+                ns,
+                route.SLICE_PLURAL,
+                name,
+                _request_timeout=self._timeout,
             )
-            if service is None:
+            if current is None:
                 return False
-            owner = route.routed_by(service)
+            owner = route.routed_by(current)
             if owner is None or owner.tunnel != key:
-                return False  # restored already, or taken over by another Tunnel
-            patch = route.restore_patch(service)
-            if patch is None:
-                return False
+                return False  # removed already, or taken over by another Tunnel
             # Not ready first: KubeCluster and the operator stop dialing the Service before
-            # it points back at the unreachable pod IP (their errors are not all caught).
+            # its endpoint goes (their errors are not all caught).
             pod = await get_or_none(
                 self._core.read_namespaced_pod,
                 owner.pod_name,
@@ -860,23 +1002,21 @@ class Reconciler:
             )
             if pod is not None and (pod.get("metadata") or {}).get("uid") == owner.pod_uid:
                 await self._make_ready(pod, False, None)
-            await patch_json(
-                self._core.patch_namespaced_service, name, ns, patch, request_timeout=self._timeout
-            )
-            found["cluster"] = labels_of(service).get(CLUSTER_LABEL)
-            return True
+            found["cluster"] = labels_of(current).get(CLUSTER_LABEL)
+            found["service"] = labels_of(current).get(route.SERVICE_NAME_LABEL)
+            return await self._delete_slice(ns, name, current)
 
         if not await self._retry(attempt):
             return None
-        self.metrics.restored.labels(kind="Service").inc()
+        self.metrics.restored.labels(kind="EndpointSlice").inc()
         cluster = found.get("cluster")
-        log.info("unrouted", tunnel=key, service=svc_key, why=why)
+        log.info("unrouted", tunnel=key, endpointslice=slice_key, why=why)
         if emit and cluster:
             await self._cluster_event(
                 ns,
                 cluster,
                 "Unrouted",
-                f"Service {name} restored to its original selector and ports: {why}",
+                f"EndpointSlice {name} of Service {found.get('service')} deleted: {why}",
             )
         return f"{ns}/{cluster}" if cluster else None
 
@@ -1034,6 +1174,8 @@ class Reconciler:
                     )
                 )
                 if reason not in ("NotVerified", "JobEnded"):
+                    self.metrics.unrouted.labels(reason=reason).inc()
+                    log.warning("not routed", tunnel=key_of(tunnel), reason=reason, why=message)
                     on_cluster(reason, message, True)
         job = outcome.job
         if "JobRunning" in transitions and job is not None and job.status == "False":

@@ -24,8 +24,6 @@ TUNNEL_PLURAL = "tunnels"
 DASK_GROUP = "kubernetes.dask.org"
 DASK_VERSION = "v1"
 
-FORWARDER_POD_LABEL = "jobtunnel.io/forwarder-pod"
-ORIGINAL_ANNOTATION = "jobtunnel.io/original"
 ROUTED_BY_ANNOTATION = "jobtunnel.io/routed-by"
 WORKER_ENV_ANNOTATION = "jobtunnel.io/worker-env"
 CLUSTER_LABEL = "dask.org/cluster-name"

@@ -29,7 +29,7 @@ class ReconcilerMetrics:
         )
         self.errors = Counter(
             "jobtunnel_reconciler_errors",
-            "Errors by kind (api, conflict, watch, event, job, lease)",
+            "Errors by kind (api, conflict, watch, event, job, lease, discovery)",
             ["kind"],
             registry=registry,
         )
@@ -50,8 +50,20 @@ class ReconcilerMetrics:
             ["kind"],
             registry=registry,
         )
+        self.unrouted = Counter(
+            "jobtunnel_reconciler_unrouted",
+            "Verified Tunnels not routed, by reason (Routed=False transitions)",
+            ["reason"],
+            registry=registry,
+        )
+        self.readiness_writes = Counter(
+            "jobtunnel_reconciler_readiness_writes",
+            "Scheduler pod readiness patches (ready=true: set or re-asserted after a reset)",
+            ["ready"],
+            registry=registry,
+        )
         for condition in CONDITIONS:
             for status in STATUSES:
                 self.tunnels.labels(condition=condition, status=status).set(0)
-        for kind in ("api", "conflict", "watch", "event", "job", "lease"):
+        for kind in ("api", "conflict", "watch", "event", "job", "lease", "discovery"):
             self.errors.labels(kind=kind)

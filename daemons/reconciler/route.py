@@ -1,43 +1,71 @@
-"""Step 2: point the Dask operator's ``<cluster>-scheduler`` Service at the forwarder pod.
+"""Step 2: route the Dask operator's ``<cluster>-scheduler`` Service to the forwarder pod.
 
-The Service keeps a selector (kr8s' ``Service.ready()`` reads it, and the endpoints controller
-needs one): ``jobtunnel.io/forwarder-pod: <pod name>``, the label each forwarder pod carries.
-Each port's ``targetPort`` becomes the session's listener port for that service. Kubernetes'
-endpoints controller then does the rest, so there is no data path in the reconciler at all.
+The Service is never modified. Its selector stays the operator's (kr8s' ``Service.ready()``
+lists the pods it selects and needs one Ready and ContainersReady), and beside the slices the
+EndpointSlice controller makes for that selector the reconciler keeps one EndpointSlice of its
+own, ``<service>-jobtunnel`` in the Service's namespace:
 
-What was there before is kept in the ``jobtunnel.io/original`` annotation (selector + ports,
-exactly as the API server returned them) and restored exactly, and ``jobtunnel.io/routed-by``
-records which Tunnel routed it and which scheduler pod was made ready: that annotation is how
-the reconciler finds what to undo after a Tunnel is gone, even across its own restarts.
+- labels ``kubernetes.io/service-name: <service>`` (kube-proxy merges every slice carrying it,
+  whoever manages it) and ``endpointslice.kubernetes.io/managed-by: reconciler.jobtunnel.io``
+  (the EndpointSlice controller only touches slices managed by ``endpointslice-controller.k8s.io``,
+  so it leaves this one alone);
+- an owner reference to the Service, so the garbage collector deletes it with the Service (a
+  deleted DaskCluster leaves nothing behind, even when the reconciler is down);
+- one endpoint at the holding forwarder pod's IP, ``ready`` as that pod is, and one port per
+  Service port the session carries, under the Service port's *name* (kube-proxy matches slice
+  ports to Service ports by name; the number is the session's listener port).
 
-Patches are JSON merge patches carrying ``metadata.resourceVersion``: the API server applies
-them only to the version they were computed from (a 409 otherwise, and the caller recomputes).
-A merge patch merges maps, so the old selector keys are nulled explicitly; lists (ports) are
-replaced whole.
+Why this and not the Service rewrite it replaces: a Service selects pods of its own namespace
+only, so a forwarder in its own namespace could never be selected; an EndpointSlice's address is
+just an IP, in any namespace. The endpoint controllers still select the scheduler pod too, whose
+IP under InterLink is 127.0.0.1 by default: API validation rejects loopback addresses, so they
+publish nothing for it (and say so in warning Events on the Service). A virtual kubelet that
+reports a routable but unreachable pod IP would add a dead endpoint beside ours: see the docs.
+
+``jobtunnel.io/routed-by`` on the slice records which Tunnel routed it and which scheduler pod
+was made ready: that is how the reconciler finds what to undo after a Tunnel is gone, even across
+its own restarts. Writes are a create (409 AlreadyExists: read and patch) or a JSON merge patch
+carrying ``metadata.resourceVersion`` (a 409 when someone wrote in between, and the caller
+recomputes); a delete carries the slice's UID as precondition.
+
+The API version is chosen once at start by discovery: ``discovery.k8s.io/v1`` where served
+(1.21+), ``v1beta1`` otherwise (1.20 and older); the fields used here mean the same in both.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from dataclasses import dataclass
 from typing import Any
 
-from daemons.reconciler.kube import (
-    FORWARDER_POD_LABEL,
-    ORIGINAL_ANNOTATION,
-    ROUTED_BY_ANNOTATION,
-    Obj,
-    annotations_of,
-    json_annotation,
-)
+from daemons.reconciler.kube import CLUSTER_LABEL, ROUTED_BY_ANNOTATION, Obj, json_annotation
+
+DISCOVERY_GROUP = "discovery.k8s.io"
+SLICE_PLURAL = "endpointslices"
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+MANAGED_BY_LABEL = "endpointslice.kubernetes.io/managed-by"
+#: Our managed-by value: anything but the EndpointSlice controller's own keeps it off our slice.
+MANAGED_BY = "reconciler.jobtunnel.io"
+MANAGED_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY}"
 
 #: Service port name / port number -> the session service name it carries.
 PORT_NAMES = {"tcp-comm": "scheduler", "http-dashboard": "dashboard"}
 PORT_NUMBERS = {8786: "scheduler", 8787: "dashboard"}
 
 
+def choose_version(group: Obj) -> str:
+    """``v1`` when discovery lists it for discovery.k8s.io, else ``v1beta1``."""
+    versions = {v.get("version") for v in group.get("versions") or [] if isinstance(v, dict)}
+    return "v1" if "v1" in versions else "v1beta1"
+
+
 def scheduler_service_name(cluster: str) -> str:
     return f"{cluster}-scheduler"
+
+
+def slice_name(service: str) -> str:
+    return f"{service}-jobtunnel"
 
 
 def session_ports(tunnel: Obj) -> dict[str, int]:
@@ -93,8 +121,8 @@ class RoutedBy:
         )
 
 
-def routed_by(service: Obj) -> RoutedBy | None:
-    data = json_annotation(service, ROUTED_BY_ANNOTATION)
+def routed_by(obj: Obj) -> RoutedBy | None:
+    data = json_annotation(obj, ROUTED_BY_ANNOTATION)
     if not isinstance(data, dict) or not isinstance(data.get("tunnel"), str):
         return None
     pod = data.get("pod") if isinstance(data.get("pod"), dict) else {}
@@ -107,79 +135,146 @@ def routed_by(service: Obj) -> RoutedBy | None:
     )
 
 
-def original_of(service: Obj) -> dict[str, Any]:
-    """The pre-routing selector and ports: from the annotation if routed, else the live spec."""
-    saved = json_annotation(service, ORIGINAL_ANNOTATION)
-    if isinstance(saved, dict) and "ports" in saved:
-        return saved
-    spec = service.get("spec") or {}
-    return {"selector": spec.get("selector"), "ports": spec.get("ports") or []}
+@dataclass(frozen=True)
+class ForwarderEndpoint:
+    """The holding forwarder pod as an endpoint: its IP, readiness and identity."""
+
+    ip: str
+    ready: bool
+    namespace: str
+    name: str
+    uid: str
 
 
-def routed_spec(original: dict[str, Any], forwarder_pod: str, ports: dict[str, int]) -> Obj:
-    """The routed selector and ports computed from the original ones (never from a routed one)."""
-    new_ports = []
-    for port in original.get("ports") or []:
-        routed = dict(port)
-        service = service_for_port(port)
-        if service is not None and service in ports:
-            routed["targetPort"] = ports[service]
-        new_ports.append(routed)
-    return {"selector": {FORWARDER_POD_LABEL: forwarder_pod}, "ports": new_ports}
-
-
-def _selector_patch(current: dict[str, str] | None, wanted: dict[str, str] | None) -> Any:
-    """A merge-patch value turning ``current`` into ``wanted`` (maps merge, so null the rest)."""
-    if wanted is None:
+def forwarder_endpoint(pod: Obj | None) -> ForwarderEndpoint | None:
+    """None when there is no pod or it has no usable IP yet."""
+    if pod is None or (pod.get("metadata") or {}).get("deletionTimestamp"):
         return None
-    patch: dict[str, str | None] = {k: None for k in (current or {}) if k not in wanted}
-    patch.update(wanted)
-    return patch
-
-
-def route_patch(service: Obj, routed: Obj, by: RoutedBy) -> Obj | None:
-    """The merge patch routing ``service``; None when it is already exactly so."""
-    spec = service.get("spec") or {}
-    original = original_of(service)
-    ann = annotations_of(service)
-    original_json = json.dumps(original, sort_keys=True)
-    by_json = by.to_json()
-    if (
-        spec.get("selector") == routed["selector"]
-        and spec.get("ports") == routed["ports"]
-        and ann.get(ORIGINAL_ANNOTATION) is not None
-        and ann.get(ROUTED_BY_ANNOTATION) == by_json
-    ):
+    status = pod.get("status") or {}
+    ip = status.get("podIP")
+    if not isinstance(ip, str) or not ip:
         return None
-    keep_original = ann.get(ORIGINAL_ANNOTATION) or original_json
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return None
+    if address.is_loopback or address.is_unspecified:
+        return None  # API validation would refuse it anyway
+    ready = any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in status.get("conditions") or []
+    )
+    meta = pod.get("metadata") or {}
+    return ForwarderEndpoint(
+        ip,
+        ready and status.get("phase") == "Running",
+        str(meta.get("namespace", "")),
+        str(meta.get("name", "")),
+        str(meta.get("uid", "")),
+    )
+
+
+def slice_ports(service: Obj, ports: dict[str, int]) -> list[Obj]:
+    """One slice port per Service port the session carries, named as the Service port."""
+    out: list[Obj] = []
+    for port in (service.get("spec") or {}).get("ports") or []:
+        if (port.get("protocol") or "TCP") != "TCP":
+            continue
+        carried = service_for_port(port)
+        if carried is not None and carried in ports:
+            out.append({"name": port.get("name") or "", "port": ports[carried], "protocol": "TCP"})
+    return out
+
+
+def desired_slice(
+    service: Obj, endpoint: ForwarderEndpoint, ports: dict[str, int], by: RoutedBy, version: str
+) -> Obj:
+    """The EndpointSlice routing ``service`` to ``endpoint`` (see the module docstring)."""
+    meta = service.get("metadata") or {}
+    name = str(meta.get("name"))
+    labels = {SERVICE_NAME_LABEL: name, MANAGED_BY_LABEL: MANAGED_BY}
+    cluster = (meta.get("labels") or {}).get(CLUSTER_LABEL)
+    if isinstance(cluster, str) and cluster:
+        labels[CLUSTER_LABEL] = cluster
+    family = ipaddress.ip_address(endpoint.ip).version
+    return {
+        "apiVersion": f"{DISCOVERY_GROUP}/{version}",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": slice_name(name),
+            "namespace": meta.get("namespace"),
+            "labels": labels,
+            "annotations": {ROUTED_BY_ANNOTATION: by.to_json()},
+            "ownerReferences": [
+                {"apiVersion": "v1", "kind": "Service", "name": name, "uid": meta.get("uid")}
+            ],
+        },
+        "addressType": "IPv4" if family == 4 else "IPv6",
+        "endpoints": [
+            {
+                "addresses": [endpoint.ip],
+                "conditions": {"ready": endpoint.ready},
+                "targetRef": {
+                    "kind": "Pod",
+                    "namespace": endpoint.namespace,
+                    "name": endpoint.name,
+                    "uid": endpoint.uid,
+                },
+            }
+        ],
+        "ports": slice_ports(service, ports),
+    }
+
+
+def _routing_view(obj: Obj) -> tuple[Any, ...]:
+    """What a slice routes and claims; server-filled fields (defaults, times) left out."""
+    meta = obj.get("metadata") or {}
+    endpoints = [
+        (
+            tuple(e.get("addresses") or []),
+            bool((e.get("conditions") or {}).get("ready", True)),
+            json.dumps(e.get("targetRef") or {}, sort_keys=True),
+        )
+        for e in obj.get("endpoints") or []
+    ]
+    ports = [
+        (p.get("name") or "", p.get("port"), p.get("protocol") or "TCP")
+        for p in obj.get("ports") or []
+    ]
+    owners = [
+        (o.get("kind"), o.get("name"), o.get("uid")) for o in meta.get("ownerReferences") or []
+    ]
+    labels = meta.get("labels") or {}
+    wanted_labels = {
+        k: labels.get(k) for k in (SERVICE_NAME_LABEL, MANAGED_BY_LABEL, CLUSTER_LABEL)
+    }
+    return (
+        obj.get("addressType"),
+        endpoints,
+        ports,
+        owners,
+        json.dumps(wanted_labels, sort_keys=True),
+        (meta.get("annotations") or {}).get(ROUTED_BY_ANNOTATION),
+    )
+
+
+def slice_patch(current: Obj, wanted: Obj) -> Obj | None:
+    """The merge patch turning ``current`` into ``wanted``; None when it already routes so."""
+    if _routing_view(current) == _routing_view(wanted):
+        return None
+    meta = wanted["metadata"]
     return {
         "metadata": {
-            "resourceVersion": (service.get("metadata") or {}).get("resourceVersion"),
-            "annotations": {ORIGINAL_ANNOTATION: keep_original, ROUTED_BY_ANNOTATION: by_json},
+            "resourceVersion": (current.get("metadata") or {}).get("resourceVersion"),
+            "labels": meta["labels"],
+            "annotations": meta["annotations"],
+            "ownerReferences": meta["ownerReferences"],
         },
-        "spec": {
-            "selector": _selector_patch(spec.get("selector"), routed["selector"]),
-            "ports": routed["ports"],
-        },
+        # addressType is immutable; a change of IP family means delete and create (caller).
+        "endpoints": wanted["endpoints"],
+        "ports": wanted["ports"],
     }
 
 
-def restore_patch(service: Obj) -> Obj | None:
-    """The merge patch giving ``service`` back its original selector and ports (None: not ours)."""
-    ann = annotations_of(service)
-    if ORIGINAL_ANNOTATION not in ann and ROUTED_BY_ANNOTATION not in ann:
-        return None
-    spec = service.get("spec") or {}
-    saved = json_annotation(service, ORIGINAL_ANNOTATION)
-    patch: Obj = {
-        "metadata": {
-            "resourceVersion": (service.get("metadata") or {}).get("resourceVersion"),
-            "annotations": {ORIGINAL_ANNOTATION: None, ROUTED_BY_ANNOTATION: None},
-        }
-    }
-    if isinstance(saved, dict) and "ports" in saved:
-        patch["spec"] = {
-            "selector": _selector_patch(spec.get("selector"), saved.get("selector")),
-            "ports": saved.get("ports") or [],
-        }
-    return patch
+def family_changed(current: Obj, wanted: Obj) -> bool:
+    return current.get("addressType") != wanted.get("addressType")
