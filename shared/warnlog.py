@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -45,36 +46,41 @@ def module_of(filename: str) -> str:
     return filename
 
 
-def _describe(
-    message: Warning | str, category: type[Warning], filename: str, lineno: int
-) -> HeldWarning:
-    return HeldWarning(
-        category=f"{category.__module__}.{category.__qualname__}",
-        module=module_of(filename),
-        message=str(message),
-        filename=filename,
-        lineno=lineno,
-    )
+def _showing_to(sink: Callable[[HeldWarning], None]) -> Callable[..., None]:
+    """A ``warnings.showwarning`` that hands each warning, described, to ``sink``."""
+
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
+        sink(
+            HeldWarning(
+                category=f"{category.__module__}.{category.__qualname__}",
+                module=module_of(filename),
+                message=str(message),
+                filename=filename,
+                lineno=lineno,
+            )
+        )
+
+    return show
 
 
-def _hold(
-    message: Warning | str,
-    category: type[Warning],
-    filename: str,
-    lineno: int,
-    file: TextIO | None = None,
-    line: str | None = None,
-) -> None:
+def _keep(w: HeldWarning) -> None:
     global _dropped
     if len(_held) < HOLD_LIMIT:
-        _held.append(_describe(message, category, filename, lineno))
+        _held.append(w)
     else:
         _dropped += 1
 
 
 def hold() -> None:
     """Keep warnings from now on, printed nowhere, until :func:`release`."""
-    warnings.showwarning = _hold
+    warnings.showwarning = _showing_to(_keep)
 
 
 def held() -> list[HeldWarning]:
@@ -95,17 +101,7 @@ def release(log: Any) -> None:
             lineno=w.lineno,
         )
 
-    def show(
-        message: Warning | str,
-        category: type[Warning],
-        filename: str,
-        lineno: int,
-        file: TextIO | None = None,
-        line: str | None = None,
-    ) -> None:
-        emit(_describe(message, category, filename, lineno))
-
-    warnings.showwarning = show
+    warnings.showwarning = _showing_to(emit)
     for w in _held:
         emit(w)
     if _dropped:
