@@ -29,6 +29,7 @@ from daemons.forwarder.admission import (
     RateLimit,
 )
 from daemons.forwarder.kube import tunnel_name
+from daemons.forwarder.server import has_unread_input
 from daemons.forwarder.sessions import Session
 from shared import hostkeys
 from shared import protocol as p
@@ -95,6 +96,22 @@ def test_preauth_admission_evicts_oldest_idle_never_the_newcomer() -> None:
     assert adm2.leave(x2)
     assert not adm2.leave(x1)
     assert adm2.evictions == 1
+
+
+def test_unread_input_counts_as_having_spoken() -> None:
+    """A client accepted in the same loop turn as a flood behind it has its version in the
+    kernel, not yet read: admission must see it as past "said nothing"."""
+    import socket
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        assert not has_unread_input(ours)
+        theirs.sendall(b"SSH-2.0-client\r\n")
+        assert has_unread_input(ours)
+        ours.recv(64)
+        assert not has_unread_input(ours)
+    assert not has_unread_input(ours)  # closed: fileno -1, never an exception
+    assert not has_unread_input(None)
 
 
 def test_connection_budget_bounds() -> None:

@@ -525,7 +525,14 @@ cluster = OffloadedKubeCluster(
 print("SCHEDULER", cluster.scheduler_address, flush=True)
 with Client(cluster, timeout=60) as client:
     print("RESULT", client.submit(sum, [20, 22]).result(timeout=60), flush=True)
+# Hold the cluster until the test has looked at it: close() deletes the DaskCluster and with it
+# the Service the test compares.
+import os, time  # noqa: E401, E402
+deadline = time.monotonic() + 300
+while not os.path.exists(sys.argv[5]) and time.monotonic() < deadline:
+    time.sleep(0.05)
 cluster.close()
+print("CLOSED", flush=True)
 """
 
 
@@ -562,6 +569,7 @@ async def test_kubecluster_from_the_user_helper_computes_through_the_tunnel(
         cluster,
         selector,
         VIRTUAL_NODE_TOLERATIONS[0]["key"],
+        str(release := stack.tmp / "release-cluster"),
     ]
     with running_scheduler(stack.tmp, http_api=True) as scheduler:
         async with stack.forwarder() as fw, stack.reconciler():
@@ -607,5 +615,12 @@ async def test_kubecluster_from_the_user_helper_computes_through_the_tunnel(
                         before
                     )
                     assert stack.vk.loops >= 2
+                    release.touch()
+
+                    def closed() -> bool:
+                        assert user.proc.poll() in (None, 0), user.log()
+                        return "CLOSED" in user.log()
+
+                    await wait_for(lambda: _true(closed()), DEADLINE, "KubeCluster closes")
             finally:
                 user.stop()

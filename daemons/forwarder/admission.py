@@ -12,7 +12,8 @@ What is trusted, and why:
   instead always admits the newcomer and evicts the oldest of the least advanced connections
   (said nothing < sent its SSH version < asked to authenticate: a real client is past the
   first within a round trip and asks to authenticate within one key exchange, an idle flood
-  never does), first within the newcomer's own source group
+  never does; a version still unread in the kernel buffer counts as sent, or a burst accepted
+  in the same loop turn behind a real client would evict it), first within the newcomer's own source group
   (``max_per_source``), then in the whole pool (``max_total``). A flood can then only churn
   itself; the limit that remains is a flood of full key exchanges from many addresses, which
   costs the attacker as much CPU as us and is bounded by ``login_timeout``.

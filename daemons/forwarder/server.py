@@ -13,8 +13,11 @@ and services.
 
 from __future__ import annotations
 
+import array
+import fcntl
 import math
 import secrets
+import termios
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -299,6 +302,18 @@ class _ControlSession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
             self._chan.close()
 
 
+def has_unread_input(sock: Any) -> bool:
+    """Whether the kernel holds bytes from the peer that the event loop has not read yet."""
+    if sock is None:
+        return False
+    pending = array.array("i", [0])
+    try:
+        fcntl.ioctl(sock.fileno(), termios.FIONREAD, pending, True)
+    except (OSError, ValueError):
+        return False
+    return pending[0] > 0
+
+
 class _Connection(asyncssh.SSHServer):
     """One SSH connection: authentication, policy decisions, and its session task."""
 
@@ -391,7 +406,13 @@ class _Connection(asyncssh.SSHServer):
     def preauth_progress(self) -> int:
         if self._asked_auth:
             return 2
-        return 1 if self.conn is not None and self.conn.get_extra_info("client_version") else 0
+        if self.conn is None:
+            return 0
+        if self.conn.get_extra_info("client_version"):
+            return 1
+        # Accepted in the same loop turn as a burst behind it, a real client's version is in
+        # the kernel buffer but not yet read: it has spoken, the idle flood has not.
+        return 1 if has_unread_input(self.conn.get_extra_info("socket")) else 0
 
     def _loggable_user(self) -> str | None:
         """Before authentication the user name is a claim, maybe a pasted token."""
