@@ -18,6 +18,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from shared.sources import parse_network
+
 ENV_PREFIX = "JOBTUNNEL_"
 
 T = TypeVar("T")
@@ -284,6 +286,11 @@ def name_list(raw: object) -> tuple[str, ...]:
         if not re.fullmatch(r"[a-z][a-z0-9-]{0,30}", name):
             raise ValueError(f"expected lowercase names like 'scheduler', got {name!r}")
     return names
+
+
+def cidr_list(raw: object) -> tuple[str, ...]:
+    """``10.0.0.0/8,fd00::/8`` (or a TOML list) -> normalised CIDRs; empty admits nobody."""
+    return tuple(str(parse_network(item)) for item in string_list(raw))
 
 
 def services(raw: object) -> tuple[tuple[str, int], ...]:

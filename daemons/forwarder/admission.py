@@ -13,10 +13,10 @@ What is trusted, and why:
   (said nothing < sent its SSH version < asked to authenticate: a real client is past the
   first within a round trip and asks to authenticate within one key exchange, an idle flood
   never does; a version still unread in the kernel buffer counts as sent, or a burst accepted
-  in the same loop turn behind a real client would evict it), first within the newcomer's own source group
-  (``max_per_source``), then in the whole pool (``max_total``). A flood can then only churn
-  itself; the limit that remains is a flood of full key exchanges from many addresses, which
-  costs the attacker as much CPU as us and is bounded by ``login_timeout``.
+  in the same loop turn behind a real client would evict it), first within the newcomer's own
+  source group (``max_per_source``), then in the whole pool (``max_total``). A flood can then
+  only churn itself; the limit that remains is a flood of full key exchanges from many
+  addresses, which costs the attacker as much CPU as us and is bounded by ``login_timeout``.
 - After authentication the user is known but still not trusted with resources:
   :class:`ConnectionBudget` bounds what one connection may ask for (channels, forward
   requests, authentication attempts, refused requests: past that it is disconnected), and

@@ -26,7 +26,7 @@ import os
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -41,6 +41,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from daemons.forwarder.sessions import EndSession, Session
 from shared.logs import get_logger
+from shared.sources import AllowList, parse_network
 
 log = get_logger("jobtunnel.forwarder.kube")
 
@@ -147,6 +148,7 @@ class _Desired:
     labels: dict[str, str]
     spec: dict[str, Any]
     heartbeat: float
+    refused: list[dict[str, object]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -154,6 +156,7 @@ class _StatusSent:
     session_id: str
     heartbeat: float
     at: float  # monotonic
+    refused: int = 0  # how many distinct refused peers that patch carried
 
 
 class TunnelMetrics:
@@ -230,6 +233,7 @@ class KubernetesPublisher:
 
         self._desired: dict[str, _Desired] = {}
         self._observed: dict[str, dict[str, Any]] = {}
+        self._allow_lists: dict[str, tuple[str | None, AllowList]] = {}
         self._status_sent: dict[str, _StatusSent] = {}
         self._checking: set[str] = set()
         self._errors: dict[str, str] = {}
@@ -286,6 +290,39 @@ class KubernetesPublisher:
         sent = self._status_sent.get(tunnel_name(session))
         if sent is None or time.monotonic() - sent.at >= self.heartbeat_interval:
             self._wake.set()
+
+    def admits_source(self, session: Session, host: str) -> bool:
+        """The allow-list the reconciler wrote in the Tunnel's status (none yet: deny)."""
+        obj = self._observed.get(tunnel_name(session))
+        if obj is None or (obj.get("spec") or {}).get("user") != session.user:
+            return False
+        return self._allow_list(obj).admits(host)
+
+    def source_refused(self, session: Session) -> None:
+        desired = self._desired.get(tunnel_name(session))
+        if desired is None or desired.session_id != session.id:
+            return
+        desired.refused = session.refused_sources()
+        self._wake.set()
+
+    def _allow_list(self, obj: Mapping[str, Any]) -> AllowList:
+        """Parsed once per resourceVersion; an entry that is not a CIDR admits nobody."""
+        meta = obj.get("metadata") or {}
+        name, version = str(meta.get("name")), meta.get("resourceVersion")
+        cached = self._allow_lists.get(name)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        networks = []
+        for item in (obj.get("status") or {}).get("allowedSources") or []:
+            try:
+                networks.append(parse_network(str(item)))
+            except ValueError as exc:
+                log.warning("allowedSources entry ignored", tunnel=name, error=str(exc)[:200])
+        allow = AllowList(tuple(networks))
+        if len(self._allow_lists) > 2 * len(self._observed) + 16:  # Tunnels gone since
+            self._allow_lists = {n: v for n, v in self._allow_lists.items() if n in self._observed}
+        self._allow_lists[name] = (version, allow)
+        return allow
 
     def ready_check(self) -> str | None:
         for error in self._errors.values():
@@ -646,6 +683,8 @@ class KubernetesPublisher:
         sent = self._status_sent.get(name)
         if sent is None or sent.session_id != desired.session_id:
             return 0.0
+        if len(desired.refused) != sent.refused:
+            return 0.0  # a new refused peer: its owner hears of it now, not at the next beat
         if desired.heartbeat <= sent.heartbeat:
             return math.inf
         return sent.at + self.heartbeat_interval - time.monotonic()
@@ -774,6 +813,7 @@ class KubernetesPublisher:
 
     async def _patch_status(self, name: str, desired: _Desired) -> None:
         heartbeat = desired.heartbeat
+        refused = list(desired.refused)
         try:
             obj = await self._custom.patch_namespaced_custom_object_status(
                 GROUP,
@@ -781,7 +821,7 @@ class KubernetesPublisher:
                 self.namespace,
                 PLURAL,
                 name,
-                {"status": {"lastHeartbeat": iso_time(heartbeat)}},
+                {"status": {"lastHeartbeat": iso_time(heartbeat), "refusedSources": refused}},
                 _content_type=MERGE_PATCH,
                 _request_timeout=self._request_timeout,
             )
@@ -792,5 +832,7 @@ class KubernetesPublisher:
                 return
             raise
         self._observe(obj)
-        self._status_sent[name] = _StatusSent(desired.session_id, heartbeat, time.monotonic())
+        self._status_sent[name] = _StatusSent(
+            desired.session_id, heartbeat, time.monotonic(), len(refused)
+        )
         self.metrics.syncs.labels(operation="status").inc()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import array
 import fcntl
+import functools
 import math
 import secrets
 import termios
@@ -53,6 +54,7 @@ from shared.auth import Authenticator
 from shared.config import HostPort, Secret
 from shared.daemon import ListenError
 from shared.logs import get_logger
+from shared.sources import AllowList
 from shared.summary import LogSummary
 
 log = get_logger("jobtunnel.forwarder")
@@ -111,6 +113,7 @@ class Forwarder:
         )
         self.log_summary = LogSummary(interval=settings.log_summary_interval)
         authenticator.log_summary = self.log_summary
+        self.allowed_sources = AllowList.parse(settings.allowed_sources)
         self.draining = False
         self._tg: TaskGroup | None = None
         self._server: asyncssh.SSHAcceptor | None = None
@@ -206,6 +209,25 @@ class Forwarder:
         self.metrics.refusals.labels(kind=kind).inc()
         if self.log_summary.should_log((source_group(peer.rsplit(":", 1)[0]), kind)):
             log.warning("refused", kind=kind, reason=reason, user=user, peer=peer, **extra)
+
+    def admit_source(self, session: Session, service: str, host: str, port: int) -> bool:
+        """Every in-cluster connection to a tunnelled service, before a byte is forwarded."""
+        if self.allowed_sources.admits(host) or self.publisher.admits_source(session, host):
+            return True
+        self.metrics.refusals.labels(kind="source").inc()
+        if session.refuse_source(host, self.settings.max_refused_sources):
+            self.publisher.source_refused(session)
+        if self.log_summary.should_log((source_group(host), "source")):
+            log.warning(
+                "refused",
+                kind="source",
+                reason=f"{host} is not allowed to reach {session.user}'s {service}",
+                user=session.user,
+                session=session.id,
+                service=service,
+                peer=f"{host}:{port}",
+            )
+        return False
 
     def note(self, kind: str, peer_host: str, event: str, **fields: Any) -> None:
         """An info line that a flood would repeat (e.g. pre-auth closes): summarised too."""
@@ -565,7 +587,11 @@ class _Connection(asyncssh.SSHServer):
                 # The channel names the service and the port the client asked
                 # for: that is the key under which the client registered it.
                 listener = await self.conn.forward_local_port(
-                    host, port, service, requested_port or port
+                    host,
+                    port,
+                    service,
+                    requested_port or port,
+                    accept_handler=functools.partial(self.fw.admit_source, self.session, service),
                 )
             except OSError as exc:
                 log.warning("port busy", port=port, error=str(exc), session=self.session.id)

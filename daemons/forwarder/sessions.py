@@ -28,6 +28,24 @@ class Forward:
     requested_port: int = 0
 
 
+@dataclass(slots=True)
+class RefusedPeer:
+    """An in-cluster peer refused by the source allow-list, as the owner will see it."""
+
+    address: str
+    count: int
+    first: float
+    last: float
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "address": self.address,
+            "count": self.count,
+            "firstRefused": _iso(self.first),
+            "lastRefused": _iso(self.last),
+        }
+
+
 @dataclass(slots=True, eq=False)
 class Session:
     id: str
@@ -48,6 +66,9 @@ class Session:
     last_heartbeat: float | None = None
     counters: AgentCounters = field(default_factory=AgentCounters)
     published: bool = False
+    # Peers refused by the source allow-list: bounded by the caller, the rest only counted.
+    refused: dict[str, RefusedPeer] = field(default_factory=dict)
+    refused_total: int = 0
     # Set by the server: ``close(reason, code)`` ends the session with an error
     # frame the agent can act on (e.g. code "replaced": don't reconnect).
     close: Callable[[str, str], None] = field(default=lambda _r, _c: None, repr=False)
@@ -71,7 +92,25 @@ class Session:
                 for name, fwd in sorted(self.forwards.items())
             },
             "services_up": dict(self.services_up),
+            "refused_sources": self.refused_sources(),
         }
+
+    def refuse_source(self, address: str, limit: int, now: float | None = None) -> bool:
+        """Record a refused peer; True when it is one not seen before (worth reporting)."""
+        now = time.time() if now is None else now
+        self.refused_total += 1
+        known = self.refused.get(address)
+        if known is not None:
+            known.count += 1
+            known.last = now
+            return False
+        if len(self.refused) >= limit:
+            return False
+        self.refused[address] = RefusedPeer(address, 1, now, now)
+        return True
+
+    def refused_sources(self) -> list[dict[str, object]]:
+        return [peer.describe() for _, peer in sorted(self.refused.items())]
 
 
 def _address(host: str, port: int) -> str:
@@ -139,6 +178,15 @@ class Publisher(Protocol):
 
     def ready_check(self) -> str | None: ...
 
+    def admits_source(self, session: Session, host: str) -> bool:
+        """Whether the cluster allows ``host`` to reach ``session``'s services (beyond the
+        forwarder's own ``allowed_sources``); False until the publisher knows."""
+        ...
+
+    def source_refused(self, session: Session) -> None:
+        """``session`` refused a peer not seen before: make it visible to its owner."""
+        ...
+
 
 class MemoryPublisher:
     """Standalone mode: the registry itself is the publication (``/tunnels``)."""
@@ -159,6 +207,12 @@ class MemoryPublisher:
 
     def ready_check(self) -> str | None:
         return None
+
+    def admits_source(self, session: Session, host: str) -> bool:
+        return False  # standalone: the forwarder's allowed_sources are the whole list
+
+    def source_refused(self, session: Session) -> None:
+        return None  # /tunnels shows the session's refused_sources
 
 
 class SessionLimit(Exception):

@@ -35,6 +35,12 @@ class ForwarderSettings:
     service_host: str = c.option(c.string, "127.0.0.1")
     advertise_host: str | None = c.option(c.optional_string, None)
     allowed_services: tuple[str, ...] = c.option(c.name_list, ("scheduler", "dashboard"))
+    #: Peers that may connect to any tunnelled service (CIDRs). Kubernetes mode adds, per
+    #: Tunnel, the owner's pods and the Dask operator's that the reconciler writes in its
+    #: status; until it has, only these are let in. Loopback only by default.
+    allowed_sources: tuple[str, ...] = c.option(c.cidr_list, ("127.0.0.0/8", "::1/128"))
+    #: Distinct refused peers remembered (and reported) per session; beyond that only counted.
+    max_refused_sources: int = c.option(c.positive_int, 16)
     max_sessions_per_user: int = c.option(c.positive_int, 20)
     max_unauthenticated: int = c.option(c.positive_int, 100)
     # Admission (daemons/forwarder/admission.py): per-source and per-connection allowances.

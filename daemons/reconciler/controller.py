@@ -44,7 +44,7 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 from prometheus_client import CollectorRegistry
 
-from daemons.reconciler import readiness, route, workers
+from daemons.reconciler import readiness, route, sources, workers
 from daemons.reconciler.events import EventRecorder, Ref
 from daemons.reconciler.jobs import JobStateSource, ScheddLike
 from daemons.reconciler.jobstep import JobPoller, JobVerdict
@@ -58,6 +58,7 @@ from daemons.reconciler.kube import (
     TUNNEL_PLURAL,
     TUNNEL_VERSION,
     Obj,
+    annotations_of,
     call_json,
     get_or_none,
     key_of,
@@ -106,6 +107,9 @@ class Outcome:
     cluster: str | None = None
     routed_service: str | None = None
     notes: list[tuple[str, str, bool]] = field(default_factory=list)  # DaskCluster events
+    # Who may reach the tunnel (status.allowedSources): nobody beyond the forwarder's own
+    # list until the claims verify.
+    allowed_sources: list[str] = field(default_factory=list)
 
 
 class Reconciler:
@@ -211,6 +215,17 @@ class Reconciler:
             self._on_tunnel,
         )
         self.pods = informer("Pod", self._core.list_pod_for_all_namespaces, self._on_pod, scheduler)
+        # Every pod, trimmed to owner labels and IPs: the allow-lists (:mod:`.sources`).
+        self.source_pods = Informer(
+            "Pod",
+            self._core.list_pod_for_all_namespaces,
+            self._on_source_pod,
+            watch_timeout=timeout,
+            request_timeout=to,
+            on_error=self._error,
+            transform=sources.trim_pod,
+        )
+        self._source_seen: dict[str, tuple[Any, ...]] = {}
         self.services = informer(
             "Service", self._core.list_service_for_all_namespaces, self._on_marked, scheduler
         )
@@ -257,6 +272,7 @@ class Reconciler:
         self.informers = [
             self.tunnels,
             self.pods,
+            self.source_pods,
             self.services,
             self.slices,
             self.forwarders,
@@ -398,7 +414,14 @@ class Reconciler:
         """
         key = key_of(obj)
         meta = obj.get("metadata") or {}
-        seen = (meta.get("generation"), meta.get("deletionTimestamp"), meta.get("uid"))
+        # A newly refused peer (written by the forwarder) is the one status change that needs
+        # a reconcile: its owner hears of it through an Event.
+        seen = (
+            meta.get("generation"),
+            meta.get("deletionTimestamp"),
+            meta.get("uid"),
+            sources.refused_addresses(obj),
+        )
         if kind == "DELETED":
             self._tunnel_seen.pop(key, None)
         elif self._tunnel_seen.get(key) == seen:
@@ -418,6 +441,37 @@ class Reconciler:
         cluster = labels_of(pod).get(CLUSTER_LABEL)
         if isinstance(ns, str) and cluster:
             self._enqueue_cluster(ns, cluster)
+
+    def _on_source_pod(self, kind: str, pod: Obj) -> None:
+        """A pod got or lost an IP, or changed owner labels: the allow-lists it may be in."""
+        key = key_of(pod)
+        seen = (
+            tuple(sources.pod_ips(pod)),
+            tuple(sorted(labels_of(pod).items())),
+            tuple(sorted(annotations_of(pod).items())),
+        )
+        if kind == "DELETED":
+            if self._source_seen.pop(key, None) is None:
+                return
+        elif self._source_seen.get(key) == seen:
+            return
+        else:
+            self._source_seen[key] = seen
+        everyone = sources.selected(pod, self.settings.operator_pod_selector)
+        for tunnel_key, tunnel in list(self.tunnels.cache.items()):
+            user = (tunnel.get("spec") or {}).get("user")
+            if everyone or (isinstance(user, str) and self.users.owns(pod, user)):
+                self.queue.add(tunnel_key)
+
+    def _allowed_sources(self, tunnel: Obj) -> list[str]:
+        user = str((tunnel.get("spec") or {}).get("user"))
+        return sources.allowed_sources(
+            user,
+            self.source_pods.cache.values(),
+            self.users,
+            self.settings.operator_pod_selector,
+            self.settings.extra_allowed_sources,
+        )
 
     def _on_forwarder_pod(self, _kind: str, pod: Obj) -> None:
         """A forwarder pod's IP or readiness changed (or it went): its Tunnels' endpoints."""
@@ -514,6 +568,7 @@ class Reconciler:
             return
         assert pod is not None
         assert verdict.cluster is not None
+        outcome.allowed_sources = self._allowed_sources(tunnel)
         await self._route(key, tunnel, pod, verdict.cluster, outcome)
         await self._finish(tunnel, outcome, verdict)
 
@@ -1098,18 +1153,23 @@ class Reconciler:
                     ),
                 }
             )
+        session_id = (tunnel.get("spec") or {}).get("sessionId")
+        refused = sources.unreported(tunnel)
+        # A new session starts a new record (the forwarder's refusedSources restart with it).
+        before = status.get("reportedRefusals") or []
+        if status.get("observedSessionId") != session_id:
+            before = []
+        reported = sorted(set(before) | {str(e.get("address")) for e in refused})
+        reported = reported[: sources.MAX_REPORTED]
         new_status = {
             "conditions": conditions,
             "cluster": outcome.cluster,
             "routedService": outcome.routed_service,
-            "observedSessionId": (tunnel.get("spec") or {}).get("sessionId"),
+            "observedSessionId": session_id,
+            "allowedSources": outcome.allowed_sources,
+            "reportedRefusals": reported,
         }
-        current = {
-            "conditions": status.get("conditions"),
-            "cluster": status.get("cluster"),
-            "routedService": status.get("routedService"),
-            "observedSessionId": status.get("observedSessionId"),
-        }
+        current = {key: status.get(key) for key in new_status}
         if new_status != current:
             try:
                 await patch_json(
@@ -1126,7 +1186,19 @@ class Reconciler:
                 if exc.status != 404:
                     raise
                 return
+        for entry in refused:
+            outcome.notes.append(("SourceRefused", self._refusal_message(tunnel, entry), True))
         await self._emit_transitions(tunnel, outcome, transitions, verdict)
+
+    def _refusal_message(self, tunnel: Obj, entry: Obj) -> str:
+        spec = tunnel.get("spec") or {}
+        return (
+            f"{entry.get('address')} tried to reach user {spec.get('user')}'s tunnel "
+            f"{(tunnel.get('metadata') or {}).get('name')} and was refused "
+            f"({entry.get('count', 1)} connection(s) so far): it is none of the user's pods, "
+            "the Dask operator's, or an extra allowed CIDR. If it is your client, check that "
+            "kube-proxy preserves pod source addresses (docs/architecture.md)"
+        )
 
     async def _emit_transitions(
         self,

@@ -71,6 +71,13 @@ class ReconcilerSettings:
     #: checked), and the user rule applied to the Deployment's pod template and the DaskCluster.
     #: Needs ``get`` on replicasets. Turn off only where users cannot create pods.
     require_owner_chain: bool = c.option(c.boolean, True)
+    #: Pods (any namespace) that may reach every tunnel besides the owner's own pods: the Dask
+    #: operator talks to schedulers to scale them. Empty: none.
+    operator_pod_selector: dict[str, str] = c.option(
+        _label_selector, {"app.kubernetes.io/name": "dask-kubernetes-operator"}
+    )
+    #: CIDRs that may reach every tunnel (e.g. a monitoring network); none by default.
+    extra_allowed_sources: tuple[str, ...] = c.option(c.cidr_list, ())
     #: Full re-enqueue of every Tunnel plus the orphan sweep, in seconds.
     resync_interval: float = c.option(c.positive_float, 300.0)
     #: Server-side timeout of one watch request; the watch resumes from its resourceVersion.

@@ -108,6 +108,15 @@ class UserRules:
             return None
         return self.namespace_pattern.replace("{user}", user_slug(user, self.slug_scheme))
 
+    def owns(self, pod: Obj, user: str) -> bool:
+        """Whether every configured rule names ``user`` as ``pod``'s owner (as :func:`verify`)."""
+        expected_ns = self.expected_namespace(user)
+        if expected_ns is not None and (pod.get("metadata") or {}).get("namespace") != expected_ns:
+            return False
+        if self.label and not self.label_names(labels_of(pod).get(self.label), user):
+            return False
+        return not self.annotation or annotations_of(pod).get(self.annotation) == user
+
 
 @dataclass(frozen=True)
 class NodeRules:

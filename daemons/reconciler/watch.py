@@ -49,8 +49,11 @@ class Informer:
         watch_timeout: float = 290.0,
         request_timeout: float = 30.0,
         on_error: Callable[[str], None] | None = None,
+        transform: Callable[[Obj], Obj] | None = None,
     ) -> None:
         self.kind = kind
+        # client-go's SetTransform: what the cache keeps of each object (memory on big lists).
+        self._transform = transform or (lambda obj: obj)
         self._list = list_func
         self._handler = handler
         self._selector = label_selector
@@ -96,10 +99,10 @@ class Informer:
 
     async def _relist(self) -> None:
         body = await call_json(self._list, _request_timeout=self._request_timeout, **self._kwargs())
-        fresh = {key_of(item): item for item in body.get("items") or []}
         # Items of a list carry no kind; fill it in so handlers can tell objects apart.
-        for item in fresh.values():
+        for item in body.get("items") or []:
             item.setdefault("kind", self.kind)
+        fresh = {key_of(item): self._transform(item) for item in body.get("items") or []}
         gone = [key for key in self.cache if key not in fresh]
         old = self.cache
         self.cache = fresh
@@ -135,6 +138,7 @@ class Informer:
                 if kind == "BOOKMARK" or not isinstance(obj, dict):
                     continue
                 obj.setdefault("kind", self.kind)
+                obj = self._transform(obj)
                 key = key_of(obj)
                 if kind == "DELETED":
                     self.cache.pop(key, None)

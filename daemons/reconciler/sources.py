@@ -1,0 +1,109 @@
+"""Who may reach a tunnel: the allow-list the reconciler writes into each Tunnel's status.
+
+The forwarder checks every in-cluster connection to a tunnelled service against
+``status.allowedSources`` before a byte is forwarded. It has no read access to pods, so the
+reconciler, which already has it, computes the list: the pod IPs of the owning user's pods (by
+the rules verification uses: namespace, label, annotation), of the Dask operator's pods (it
+talks to the scheduler to scale), and the configured extra CIDRs. Pure functions here; the
+controller feeds them its pod cache and writes the result.
+
+The pod cache is trimmed to what this needs (:func:`trim_pod`): watching every pod of a large
+cluster must not mean holding every pod spec in memory.
+
+Known window (documented): a pod that ends frees its IP; until its deletion event arrives and
+the Tunnel is reconciled again (typically well under a second), a new pod given that IP is let
+in. Pods that finished (Succeeded/Failed) are never listed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from daemons.reconciler.kube import Obj, labels_of
+from daemons.reconciler.verify import UserRules
+
+#: What the forwarder reports at most per Tunnel, and what we remember having reported.
+MAX_REPORTED = 64
+
+
+def trim_pod(pod: Obj) -> Obj:
+    """The part of a pod the allow-list needs: identity, owner labels, IPs, phase."""
+    meta = pod.get("metadata") or {}
+    status = pod.get("status") or {}
+    return {
+        "kind": "Pod",
+        "metadata": {
+            key: meta[key]
+            for key in ("name", "namespace", "uid", "resourceVersion", "labels", "annotations")
+            if key in meta
+        },
+        "status": {
+            "phase": status.get("phase"),
+            "podIPs": status.get("podIPs") or [],
+            "podIP": status.get("podIP"),
+        },
+    }
+
+
+def pod_ips(pod: Obj) -> list[str]:
+    """The pod's IPs (both families), none for a pod that finished or is not on a node yet."""
+    status = pod.get("status") or {}
+    if status.get("phase") in ("Succeeded", "Failed"):
+        return []
+    found = [str(entry.get("ip")) for entry in status.get("podIPs") or [] if entry.get("ip")]
+    if not found and status.get("podIP"):
+        found = [str(status["podIP"])]
+    return found
+
+
+def selected(pod: Obj, selector: Mapping[str, str]) -> bool:
+    labels = labels_of(pod)
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def host_network(ip: str) -> str | None:
+    """``10.1.2.3`` -> ``10.1.2.3/32``; None for what is not an IP address."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return None
+    return f"{addr}/{addr.max_prefixlen}"
+
+
+def allowed_sources(
+    user: str,
+    pods: Iterable[Obj],
+    rules: UserRules,
+    operator: Mapping[str, str],
+    extra: Iterable[str] = (),
+) -> list[str]:
+    """The sorted CIDRs that may reach ``user``'s tunnel."""
+    found = set(extra)
+    for pod in pods:
+        if rules.owns(pod, user) or selected(pod, operator):
+            for ip in pod_ips(pod):
+                network = host_network(ip)
+                if network is not None:
+                    found.add(network)
+    return sorted(found)
+
+
+def refused_addresses(tunnel: Obj) -> tuple[str, ...]:
+    """What the forwarder says it refused, as a comparable tuple (it triggers a reconcile)."""
+    entries = (tunnel.get("status") or {}).get("refusedSources") or []
+    return tuple(
+        sorted(str(e.get("address")) for e in entries[:MAX_REPORTED] if isinstance(e, dict))
+    )
+
+
+def unreported(tunnel: Obj) -> list[dict[str, Any]]:
+    """Refused peers the forwarder reported that no Event has told the owner about yet."""
+    status = tunnel.get("status") or {}
+    done = set(status.get("reportedRefusals") or [])
+    out = []
+    for entry in (status.get("refusedSources") or [])[:MAX_REPORTED]:
+        if isinstance(entry, dict) and str(entry.get("address")) not in done:
+            out.append(entry)
+    return out

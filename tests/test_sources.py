@@ -1,0 +1,198 @@
+"""Who may reach a tunnelled service: the per-tunnel source allow-list (issue 11).
+
+Loopback aliases stand for pods: 127.0.0.0/8 is all ours, so ``local_host="127.0.5.2"`` is
+"a pod at 127.0.5.2". The attack: a pod that is not the owner's connects to the listener the
+owner's scheduler is published on. It must be closed before a byte reaches the job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import pytest
+from anyio.abc import SocketAttribute
+from structlog.testing import capture_logs
+
+from daemons.reconciler import sources
+from daemons.reconciler.verify import UserRules
+from shared.sources import AllowList
+from tests.harness import RunningForwarder, agent_settings, running_agent, wait_for
+from tests.test_config import FORWARDER, assert_config_error, run
+from tests.test_policy import STEP, forwarder, refusals, tunnels
+
+pytestmark = pytest.mark.anyio
+
+# --- pure pieces ------------------------------------------------------------------------------
+
+
+def test_allow_list_matches_addresses_not_spellings() -> None:
+    allow = AllowList.parse(["10.1.0.0/16", "127.0.5.2", "fd00::/64"])
+    assert allow.admits("10.1.200.3")
+    assert allow.admits("::ffff:10.1.0.9")  # a dual-stack listener's view of an IPv4 peer
+    assert allow.admits("127.0.5.2")
+    assert not allow.admits("127.0.5.3")
+    assert allow.admits("fd00::1%eth0")
+    assert not allow.admits("fd00:0:0:1::1")
+    for garbage in ("", "localhost", "10.1.0.0/16", "/tmp/sock"):
+        assert not allow.admits(garbage), garbage
+    assert not AllowList().admits("127.0.0.1")  # empty admits nobody
+
+
+def test_bad_allowed_sources_setting_is_one_line_naming_it(tmp_path: Path) -> None:
+    env = {
+        "JOBTUNNEL_ALLOWED_SOURCES": "127.0.0.0/8,10.0.0.1/8",
+        "JOBTUNNEL_TOKEN_FILE": str(tmp_path / "tokens"),
+    }
+    line = assert_config_error(run([FORWARDER], env, tmp_path), "JOBTUNNEL_ALLOWED_SOURCES")
+    assert "10.0.0.1/8" in line
+    assert "host bits" in line
+
+
+def _pod(ns: str, name: str, ip: str, phase: str = "Running", **labels: str) -> dict[str, object]:
+    return {
+        "metadata": {"namespace": ns, "name": name, "uid": f"uid-{name}", "labels": labels},
+        "spec": {"containers": [{"name": "big", "image": "x" * 1000}]},
+        "status": {"phase": phase, "podIP": ip, "podIPs": [{"ip": ip}]},
+    }
+
+
+def test_reconciler_allow_list_is_the_owners_pods_the_operator_and_extra() -> None:
+    pods = [
+        _pod("jupyter-alice", "jupyter-alice", "10.0.0.5"),
+        _pod("jupyter-alice", "old", "10.0.0.6", phase="Succeeded"),  # its IP is free again
+        _pod("jupyter-bob", "jupyter-bob", "10.0.0.7"),
+        _pod("dask-operator", "op", "10.0.9.1", **{"app.kubernetes.io/name": "dask-operator"}),
+        {"metadata": {"namespace": "jupyter-alice", "name": "pending"}, "status": {}},
+    ]
+    operator = {"app.kubernetes.io/name": "dask-operator"}
+    rules = UserRules("jupyter-{user}")
+    got = sources.allowed_sources("alice", pods, rules, operator, ["192.168.0.0/24"])
+    assert got == ["10.0.0.5/32", "10.0.9.1/32", "192.168.0.0/24"]
+    assert sources.allowed_sources("carol", pods, rules, {}) == []
+    # A shared namespace (Zero-to-JupyterHub's default): the user label decides.
+    shared = [
+        _pod("jhub", "a", "10.0.1.1", **{"hub.jupyter.org/username": "alice"}),
+        _pod("jhub", "b", "10.0.1.2", **{"hub.jupyter.org/username": "bob"}),
+    ]
+    by_label = UserRules("", label="hub.jupyter.org/username")
+    assert sources.allowed_sources("alice", shared, by_label, {}) == ["10.0.1.1/32"]
+    trimmed = sources.trim_pod(pods[0])
+    assert "spec" not in trimmed
+    assert sources.pod_ips(trimmed) == ["10.0.0.5"]
+
+
+def test_refusals_reported_once_per_peer_and_session() -> None:
+    tunnel: dict[str, object] = {
+        "spec": {"sessionId": "s1"},
+        "status": {
+            "observedSessionId": "s1",
+            "refusedSources": [{"address": "10.0.0.8", "count": 3}, {"address": "10.0.0.9"}],
+            "reportedRefusals": ["10.0.0.8"],
+        },
+    }
+    assert [e["address"] for e in sources.unreported(tunnel)] == ["10.0.0.9"]
+    assert sources.refused_addresses(tunnel) == ("10.0.0.8", "10.0.0.9")
+
+
+# --- against the real forwarder ---------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def counting_echo() -> AsyncIterator[tuple[int, list[str]]]:
+    """The job's service: echoes, and records every connection that reached it."""
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    reached: list[str] = []
+
+    async def handle(stream: anyio.abc.SocketStream) -> None:
+        reached.append(str(stream.extra(SocketAttribute.remote_address)))
+        async with stream:
+            with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                while True:
+                    await stream.send(b"S:" + await stream.receive())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, handle)
+        try:
+            yield int(listener.extra(SocketAttribute.local_port)), reached
+        finally:
+            tg.cancel_scope.cancel()
+
+
+async def attempt(address: str, source: str) -> bytes:
+    """Connect from ``source``, send a request, read until the forwarder ends it (or echoes)."""
+    host, _, port = address.rpartition(":")
+    got = b""
+    with anyio.fail_after(STEP):
+        async with await anyio.connect_tcp(host, int(port), local_host=source) as stream:
+            with contextlib.suppress(anyio.BrokenResourceError, OSError):
+                await stream.send(b"ping")
+            with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                while len(got) < 6:
+                    got += await stream.receive()
+    return got
+
+
+@contextlib.asynccontextmanager
+async def alice_scheduler(fw: RunningForwarder) -> AsyncIterator[tuple[str, list[str]]]:
+    async with (
+        counting_echo() as (port, reached),
+        running_agent(agent_settings(fw, services=(("scheduler", port),))) as agent,
+    ):
+        await wait_for(lambda: agent.state.published, STEP, "alice published")
+        (tunnel,) = await tunnels(fw)
+        yield tunnel["services"]["scheduler"], reached
+
+
+async def test_only_allowed_sources_reach_a_tunnelled_service(tmp_path: Path) -> None:
+    """The pod at 127.0.5.2 is allowed; the pod at 127.0.5.3 is closed before a byte flows."""
+    async with (
+        forwarder(tmp_path, allowed_sources=("127.0.5.2/32",)) as fw,
+        alice_scheduler(fw) as (address, reached),
+    ):
+        with capture_logs() as logs:
+            assert await attempt(address, "127.0.5.3") == b""
+        assert reached == [], "a refused peer's connection reached the job"
+        assert await refusals(fw, "source") == 1
+        (line,) = [e for e in logs if e.get("kind") == "source"]
+        assert line["user"] == "alice"
+        assert line["session"]
+        assert line["peer"].startswith("127.0.5.3:")
+        assert line["log_level"] == "warning"
+        (entry,) = await tunnels(fw)
+        assert [r["address"] for r in entry["refused_sources"]] == ["127.0.5.3"]
+
+        assert await attempt(address, "127.0.5.2") == b"S:ping"
+        assert len(reached) == 1
+        assert await refusals(fw, "source") == 1
+
+
+async def test_default_admits_loopback_only(tmp_path: Path) -> None:
+    async with forwarder(tmp_path) as fw, alice_scheduler(fw) as (address, reached):
+        assert await attempt(address, "127.0.5.9") == b"S:ping"
+        assert len(reached) == 1
+
+
+async def test_refused_peers_bounded_in_memory_and_log(tmp_path: Path) -> None:
+    """200 refused connections from 50 pods: 8 remembered, a handful of log lines, bob fine."""
+    async with (
+        forwarder(
+            tmp_path,
+            allowed_sources=("127.0.5.2/32",),
+            max_refused_sources=8,
+            log_summary_interval=60.0,
+        ) as fw,
+        alice_scheduler(fw) as (address, reached),
+    ):
+        with capture_logs() as logs:
+            for i in range(200):
+                assert await attempt(address, f"127.0.6.{i % 50 + 1}") == b""
+        assert reached == []
+        assert await refusals(fw, "source") == 200
+        (entry,) = await tunnels(fw)
+        assert len(entry["refused_sources"]) == 8
+        lines = [e for e in logs if e.get("kind") == "source"]
+        assert len(lines) <= 50, len(lines)  # one per source and interval at most
+        assert await attempt(address, "127.0.5.2") == b"S:ping"
