@@ -202,7 +202,7 @@ class Stack:
         return client.CoreV1Api(self.api)
 
     @contextlib.asynccontextmanager
-    async def forwarder(self) -> AsyncIterator[RunningForwarder]:
+    async def forwarder(self, **overrides: Any) -> AsyncIterator[RunningForwarder]:
         """The real forwarder publishing Tunnels as ``FORWARDER_POD`` (KubernetesPublisher)."""
         async with await admin_client(self.kube) as api:
             publisher = KubernetesPublisher(
@@ -215,7 +215,7 @@ class Stack:
                 request_timeout=10.0,
                 backoff_max=1.0,
             )
-            settings = forwarder_settings(self.tmp, advertise_host=self.forwarder_ip)
+            settings = forwarder_settings(self.tmp, advertise_host=self.forwarder_ip, **overrides)
             async with running_forwarder(settings, publisher=publisher) as fw:
                 await wait_for(
                     lambda: _true(publisher.ready_check() is None), DEADLINE, "publisher synced"
@@ -932,3 +932,126 @@ async def test_scheduler_pod_replaced(
 
 async def _tunnel_gone(stack: Stack, name: str) -> bool:
     return await stack.world.get_tunnel(name) is None
+
+
+async def running_pod(stack: Stack, ns: str, name: str, ip: str, labels: dict[str, str]) -> None:
+    """A pod "running" at ``ip`` on an ordinary node (a loopback alias stands for its IP)."""
+    await call_json(
+        stack.core.create_namespaced_pod,
+        ns,
+        {
+            "metadata": {"name": name, "labels": labels},
+            "spec": {"nodeName": "node-1", "containers": [{"name": "c", "image": "busybox"}]},
+        },
+    )
+    await call_json(
+        stack.core.patch_namespaced_pod_status,
+        name,
+        ns,
+        {"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}},
+        _content_type="application/strategic-merge-patch+json",
+    )
+
+
+async def dask_handshake(port: int, source: str) -> bytes:
+    """Connect to the listener from ``source``: a real scheduler speaks first (its handshake);
+    a refused peer reads EOF and nothing else."""
+    got = b""
+    with anyio.fail_after(DEADLINE):
+        async with await anyio.connect_tcp("127.0.0.1", port, local_host=source) as stream:
+            with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                while len(got) < 8:
+                    got += await stream.receive()
+    return got
+
+
+async def test_only_the_owners_pods_and_the_operator_reach_the_scheduler(
+    stack: Stack, scheduler: Scheduler
+) -> None:
+    """The reconciler writes who may connect (alice's pods, the operator's) into the Tunnel;
+    the forwarder refuses bob's pod before a byte reaches the job, reports it in the Tunnel,
+    and the reconciler tells alice with an Event on her DaskCluster."""
+    pod = await stack.cluster("iso", "alice")
+    notebook, bobs, operator = "127.0.7.2", "127.0.7.3", "127.0.7.4"
+    await running_pod(stack, stack.ns, "jupyter-alice", notebook, {USER_LABEL: "alice"})
+    await running_pod(stack, stack.ns, "jupyter-bob", bobs, {USER_LABEL: "bob"})
+    await running_pod(
+        stack,
+        stack.fwd_ns,
+        "dask-operator",
+        operator,
+        {"app.kubernetes.io/name": "dask-kubernetes-operator"},
+    )
+    # Only the loopback address itself is the forwarder's own: the aliases are "pods".
+    async with (
+        stack.forwarder(allowed_sources=("127.0.0.1/32",)) as fw,
+        stack.reconciler(),
+        stack.agent(fw, scheduler, pod) as session,
+    ):
+
+        async def allowed() -> list[str]:
+            tunnel = await stack.tunnel_of(session)
+            return list(((tunnel or {}).get("status") or {}).get("allowedSources") or [])
+
+        async def lists_alice() -> bool:
+            return f"{notebook}/32" in await allowed()
+
+        await wait_for(lists_alice, DEADLINE, "the allow-list in the Tunnel")
+        got = set(await allowed())
+        assert {f"{notebook}/32", f"{operator}/32"} <= got
+        assert f"{bobs}/32" not in got
+        port = (await listener_ports(fw, session))["scheduler"]
+        assert await dask_handshake(port, notebook) != b""
+        assert await dask_handshake(port, operator) != b""
+        assert await dask_handshake(port, bobs) == b""
+        tunnel = await stack.tunnel_of(session)
+        assert tunnel is not None
+
+        async def reported() -> bool:
+            status = (await stack.tunnel_of(session) or {}).get("status") or {}
+            return bobs in (status.get("reportedRefusals") or [])
+
+        await wait_for(reported, DEADLINE, "bob's pod reported in the Tunnel")
+        await wait_for(
+            lambda: _has_reason(stack, "DaskCluster", "iso", "SourceRefused"),
+            DEADLINE,
+            "a SourceRefused Event on alice's DaskCluster",
+        )
+        (event,) = [
+            e
+            for e in await stack.world.events_for("DaskCluster", "iso")
+            if e["reason"] == "SourceRefused"
+        ]
+        assert bobs in event["message"]
+        assert event["type"] == "Warning"
+        # Again from bob's pod: counted, no second Event for the same peer.
+        assert await dask_handshake(port, bobs) == b""
+        status = (await stack.tunnel_of(session) or {}).get("status") or {}
+        assert [r["address"] for r in status.get("refusedSources") or []] == [bobs]
+
+        # Level-triggered: alice's notebook pod goes, so does its address.
+        await call_json(
+            stack.core.delete_namespaced_pod, "jupyter-alice", stack.ns, grace_period_seconds=0
+        )
+
+        async def forgotten() -> bool:
+            return f"{notebook}/32" not in await allowed()
+
+        await wait_for(forgotten, DEADLINE, "the deleted pod's address withdrawn")
+        assert await dask_handshake(port, notebook) == b""
+
+        async def refusal_events() -> list[str]:
+            return [
+                e["message"]
+                for e in await stack.world.events_for("DaskCluster", "iso")
+                if e["reason"] == "SourceRefused"
+            ]
+
+        async def both_told() -> bool:
+            return len(await refusal_events()) == 2
+
+        # One Event per refused peer: bob's pod (twice refused) once, the old address once.
+        await wait_for(both_told, DEADLINE, "a second Event, for the withdrawn address")
+        messages = await refusal_events()
+        assert sum(bobs in m for m in messages) == 1
+        assert sum(notebook in m for m in messages) == 1
