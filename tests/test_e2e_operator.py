@@ -50,7 +50,7 @@ from prometheus_client import CollectorRegistry
 from daemons.agent.session import AgentIdentity, AgentSession
 from daemons.forwarder.kube import KubernetesPublisher
 from daemons.reconciler.controller import Reconciler
-from daemons.reconciler.kube import call_json
+from daemons.reconciler.kube import call_json, get_or_none
 from shared import protocol as p
 from tests.dask_operator import VIRTUAL_NODE, DaskOperator, dask_operator  # noqa: F401
 from tests.fakes.virtual_kubelet import FakeVirtualKubelet, running_virtual_kubelet
@@ -1000,12 +1000,37 @@ async def test_only_the_owners_pods_and_the_operator_reach_the_scheduler(
         got = set(await allowed())
         assert {f"{notebook}/32", f"{operator}/32"} <= got
         assert f"{bobs}/32" not in got
-        port = (await listener_ports(fw, session))["scheduler"]
+        ports = await listener_ports(fw, session)
+        port = ports["scheduler"]
+        tunnel = await stack.tunnel_of(session)
+        assert tunnel is not None
+        # The same list at the network layer: the Tunnel's own NetworkPolicy.
+        net = client.NetworkingV1Api(stack.api)
+        name = tunnel["metadata"]["name"]
+
+        async def has_policy() -> bool:
+            found = await get_or_none(net.read_namespaced_network_policy, name, stack.fwd_ns)
+            return found is not None
+
+        await wait_for(has_policy, DEADLINE, "the Tunnel's NetworkPolicy")
+        netpol = await call_json(net.read_namespaced_network_policy, name, stack.fwd_ns)
+        assert netpol["spec"]["podSelector"] == {
+            "matchLabels": {"jobtunnel.io/forwarder-pod": FORWARDER_POD}
+        }
+        (rule,) = netpol["spec"]["ingress"]
+        assert sorted(p["port"] for p in rule["ports"]) == sorted(ports.values())
+        owner = {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": stack.ns}},
+            "podSelector": {
+                "matchExpressions": [{"key": USER_LABEL, "operator": "In", "values": ["alice"]}]
+            },
+        }
+        assert owner in rule["from"]
+        assert netpol["metadata"]["ownerReferences"][0]["uid"] == tunnel["metadata"]["uid"]
+
         assert await dask_handshake(port, notebook) != b""
         assert await dask_handshake(port, operator) != b""
         assert await dask_handshake(port, bobs) == b""
-        tunnel = await stack.tunnel_of(session)
-        assert tunnel is not None
 
         async def reported() -> bool:
             status = (await stack.tunnel_of(session) or {}).get("status") or {}

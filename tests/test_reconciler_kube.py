@@ -37,7 +37,7 @@ from prometheus_client import generate_latest
 
 from daemons.reconciler import route
 from daemons.reconciler.controller import Reconciler
-from daemons.reconciler.kube import call_json
+from daemons.reconciler.kube import call_json, get_or_none
 from daemons.reconciler.settings import ReconcilerSettings
 from tests.fakes.schedd import FakeSchedd
 from tests.fakes.virtual_kubelet import FakeVirtualKubelet, running_virtual_kubelet
@@ -637,6 +637,11 @@ class World:
             for e in events.get("items") or []
             if e["involvedObject"].get("kind") == kind and e["involvedObject"].get("name") == name
         ]
+
+    async def network_policy(self, tunnel: str) -> dict[str, Any] | None:
+        """The reconciler's NetworkPolicy for ``tunnel`` (in the forwarder namespace)."""
+        net = client.NetworkingV1Api(self.api)
+        return await get_or_none(net.read_namespaced_network_policy, tunnel, self.fwd_ns)
 
     async def reasons(self, kind: str, name: str) -> list[str]:
         return [e["reason"] for e in await self.events_for(kind, name)]
@@ -1561,6 +1566,7 @@ async def test_least_privilege_rbac_is_enough(
                     and conds.get("ContainersReady") == "True"
                     and bool(job and job["status"] == "True")
                     and "Routed" in await world.reasons("DaskCluster", "rb")
+                    and await world.network_policy("rb-1") is not None
                 )
 
             await wait_for(everything, 30, "routing, workers, readiness, job, Events as the SA")
@@ -1569,7 +1575,8 @@ async def test_least_privilege_rbac_is_enough(
             async def ended() -> bool:
                 gone = await world.get_tunnel("rb-1") is None
                 same = original_spec(await world.service("rb")) == original_spec(before)
-                return gone and same and await unrouted(world, "rb")
+                no_policy = await world.network_policy("rb-1") is None
+                return gone and same and no_policy and await unrouted(world, "rb")
 
             await wait_for(ended, 30, "removed job: Tunnel and slice deleted as the SA")
             assert reconciler.metrics.errors.labels(kind="api")._value.get() == 0

@@ -16,7 +16,7 @@ import pytest
 from anyio.abc import SocketAttribute
 from structlog.testing import capture_logs
 
-from daemons.reconciler import sources
+from daemons.reconciler import policy, sources
 from daemons.reconciler.verify import UserRules
 from shared.sources import AllowList
 from tests.harness import RunningForwarder, agent_settings, running_agent, wait_for
@@ -196,3 +196,48 @@ async def test_refused_peers_bounded_in_memory_and_log(tmp_path: Path) -> None:
         lines = [e for e in logs if e.get("kind") == "source"]
         assert len(lines) <= 50, len(lines)  # one per source and interval at most
         assert await attempt(address, "127.0.5.2") == b"S:ping"
+
+
+def test_network_policy_opens_only_the_sessions_ports_to_the_owner() -> None:
+    tunnel = {
+        "metadata": {"name": "alice-1", "namespace": "jobtunnel", "uid": "t-uid"},
+        "spec": {
+            "user": "alice",
+            "forwarder": {"podName": "fwd-0"},
+            "services": [
+                {"name": "scheduler", "port": 40001},
+                {"name": "dashboard", "port": 40002},
+            ],
+        },
+    }
+    operator = {"app.kubernetes.io/name": "dask-kubernetes-operator"}
+    wanted = policy.desired_policy(tunnel, UserRules("jupyter-{user}"), operator, ["10.8.0.0/24"])
+    assert wanted is not None
+    spec = wanted["spec"]
+    assert spec["podSelector"] == {"matchLabels": {"jobtunnel.io/forwarder-pod": "fwd-0"}}
+    (rule,) = spec["ingress"]
+    assert [p["port"] for p in rule["ports"]] == [40001, 40002]
+    assert rule["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "jupyter-alice"}}},
+        {"namespaceSelector": {}, "podSelector": {"matchLabels": operator}},
+        {"ipBlock": {"cidr": "10.8.0.0/24"}},
+    ]
+    (owner,) = wanted["metadata"]["ownerReferences"]
+    assert (owner["kind"], owner["uid"]) == ("Tunnel", "t-uid")
+    # A shared namespace: the user label, by the name and by the slug KubeSpawner writes.
+    shared = policy.desired_policy(
+        tunnel | {"spec": tunnel["spec"] | {"user": "Alice@Example.org"}},
+        UserRules("", label="hub.jupyter.org/username"),
+        {},
+        [],
+    )
+    assert shared is not None
+    (peer,) = shared["spec"]["ingress"][0]["from"]
+    (expr,) = peer["podSelector"]["matchExpressions"]
+    assert expr["values"] == ["alice-example-org---cfd44c4f"]  # the name is no label value
+    # Nothing expressible (an annotation rule only, no operator, no CIDR): nothing opened,
+    # never an empty "from" (which would admit everyone).
+    closed = policy.desired_policy(tunnel, UserRules("", annotation="hub/user"), {}, [])
+    assert closed is not None
+    assert closed["spec"]["ingress"] == []
+    assert policy.desired_policy(tunnel | {"spec": {"user": "alice"}}, UserRules(), {}, []) is None

@@ -44,7 +44,7 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 from prometheus_client import CollectorRegistry
 
-from daemons.reconciler import readiness, route, sources, workers
+from daemons.reconciler import policy, readiness, route, sources, workers
 from daemons.reconciler.events import EventRecorder, Ref
 from daemons.reconciler.jobs import JobStateSource, ScheddLike
 from daemons.reconciler.jobstep import JobPoller, JobVerdict
@@ -137,6 +137,7 @@ class Reconciler:
         self._core = client.CoreV1Api(api)
         self._apps = client.AppsV1Api(api)
         self._custom = client.CustomObjectsApi(api)
+        self._net = client.NetworkingV1Api(api)
         self._timeout = settings.request_timeout
         self.users = UserRules(
             settings.user_namespace,
@@ -269,10 +270,18 @@ class Reconciler:
             self._on_marked,
             f"{COMPONENT_LABEL}=worker",
         )
+        # Our per-Tunnel NetworkPolicies: the steady state from the cache, a deletion a trigger.
+        self.policies = informer(
+            "NetworkPolicy",
+            functools.partial(self._net.list_namespaced_network_policy, settings.namespace),
+            self._on_policy,
+            f"app.kubernetes.io/managed-by={policy.MANAGED_BY}",
+        )
         self.informers = [
             self.tunnels,
             self.pods,
             self.source_pods,
+            *([self.policies] if settings.network_policies else []),
             self.services,
             self.slices,
             self.forwarders,
@@ -463,6 +472,12 @@ class Reconciler:
             if everyone or (isinstance(user, str) and self.users.owns(pod, user)):
                 self.queue.add(tunnel_key)
 
+    def _on_policy(self, _kind: str, obj: Obj) -> None:
+        meta = obj.get("metadata") or {}
+        name = labels_of(obj).get(policy.TUNNEL_LABEL)
+        if name and meta.get("namespace") == self.settings.namespace:
+            self.queue.add(f"{self.settings.namespace}/{name}")
+
     def _allowed_sources(self, tunnel: Obj) -> list[str]:
         user = str((tunnel.get("spec") or {}).get("user"))
         return sources.allowed_sources(
@@ -541,6 +556,7 @@ class Reconciler:
         )
         if tunnel is None or (tunnel.get("metadata") or {}).get("deletionTimestamp"):
             await self._unroute(key, "the Tunnel is gone (session ended)")
+            await self._remove_policy(key)
             self._cluster_of.pop(key, None)
             return
 
@@ -563,12 +579,14 @@ class Reconciler:
             return
         if not verdict.ok:
             await self._unroute(key, f"the claims no longer verify: {verdict.message}")
+            await self._remove_policy(key)
             outcome.routed = ("False", "NotVerified", "claims not verified")
             await self._finish(tunnel, outcome, verdict)
             return
         assert pod is not None
         assert verdict.cluster is not None
         outcome.allowed_sources = self._allowed_sources(tunnel)
+        await self._ensure_policy(key, tunnel)
         await self._route(key, tunnel, pod, verdict.cluster, outcome)
         await self._finish(tunnel, outcome, verdict)
 
@@ -1102,6 +1120,61 @@ class Reconciler:
                 restored.append(obj)
                 self.metrics.restored.labels(kind=str(obj.get("kind"))).inc()
         return restored
+
+    async def _ensure_policy(self, key: str, tunnel: Obj) -> None:
+        """The Tunnel's NetworkPolicy as :func:`policy.desired_policy` says (idempotent)."""
+        if not self.settings.network_policies:
+            return
+        wanted = policy.desired_policy(
+            tunnel,
+            self.users,
+            self.settings.operator_pod_selector,
+            self.settings.extra_allowed_sources,
+        )
+        if wanted is None:
+            await self._remove_policy(key)
+            return
+        current = self.policies.cache.get(key)
+        if current is not None and not policy.needs_update(current, wanted):
+            return
+        ns, name = split_key(key)
+        try:
+            await call_json(
+                self._net.create_namespaced_network_policy,
+                ns,
+                wanted,
+                _request_timeout=self._timeout,
+            )
+            log.info("network policy created", tunnel=key)
+            return
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+        meta = wanted["metadata"]
+        await patch_json(
+            self._net.patch_namespaced_network_policy,
+            name,
+            ns,
+            {
+                "metadata": {"labels": meta["labels"], "ownerReferences": meta["ownerReferences"]},
+                "spec": wanted["spec"],
+            },
+            request_timeout=self._timeout,
+        )
+        log.info("network policy updated", tunnel=key)
+
+    async def _remove_policy(self, key: str) -> None:
+        if not self.settings.network_policies or key not in self.policies.cache:
+            return
+        ns, name = split_key(key)
+        try:
+            await call_json(
+                self._net.delete_namespaced_network_policy, name, ns, _request_timeout=self._timeout
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+        log.info("network policy deleted", tunnel=key)
 
     async def _delete_tunnel(self, tunnel: Obj, why: str) -> None:
         meta = tunnel.get("metadata") or {}

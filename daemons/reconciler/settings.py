@@ -78,6 +78,9 @@ class ReconcilerSettings:
     )
     #: CIDRs that may reach every tunnel (e.g. a monitoring network); none by default.
     extra_allowed_sources: tuple[str, ...] = c.option(c.cidr_list, ())
+    #: One NetworkPolicy per Tunnel in ``namespace`` (:mod:`.policy`), the allow-list again at
+    #: the network layer where the CNI enforces it. Needs networkpolicies rights there.
+    network_policies: bool = c.option(c.boolean, True)
     #: Full re-enqueue of every Tunnel plus the orphan sweep, in seconds.
     resync_interval: float = c.option(c.positive_float, 300.0)
     #: Server-side timeout of one watch request; the watch resumes from its resourceVersion.
