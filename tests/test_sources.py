@@ -241,3 +241,30 @@ def test_network_policy_opens_only_the_sessions_ports_to_the_owner() -> None:
     assert closed is not None
     assert closed["spec"]["ingress"] == []
     assert policy.desired_policy(tunnel | {"spec": {"user": "alice"}}, UserRules(), {}, []) is None
+
+
+def test_owner_index_finds_the_tunnels_a_pod_matters_to() -> None:
+    by_ns = sources.OwnerIndex(UserRules("jupyter-{user}"))
+    by_ns.set("jt/a1", "alice")
+    by_ns.set("jt/a2", "alice")
+    by_ns.set("jt/b1", "bob")
+    assert by_ns.owners_of(_pod("jupyter-alice", "nb", "10.0.0.5")) == ["jt/a1", "jt/a2"]
+    assert by_ns.owners_of(_pod("kube-system", "dns", "10.0.0.2")) == []
+    by_ns.remove("jt/a1")
+    by_ns.set("jt/b1", None)  # a Tunnel without a user is nobody's
+    assert by_ns.owners_of(_pod("jupyter-alice", "nb", "10.0.0.5")) == ["jt/a2"]
+    assert by_ns.owners_of(_pod("jupyter-bob", "nb", "10.0.0.6")) == []
+
+    label = "hub.jupyter.org/username"
+    shared = sources.OwnerIndex(UserRules("", label=label))
+    shared.set("jt/x", "Alice@Example.org")
+    pod = _pod("jhub", "nb", "10.0.1.1", **{label: "alice-example-org---cfd44c4f"})
+    assert shared.owners_of(pod) == ["jt/x"]
+    assert shared.owners_of(_pod("jhub", "nb2", "10.0.1.2", **{label: "bob"})) == []
+
+    anyone = sources.OwnerIndex(UserRules("", annotation="hub/user"))
+    anyone.set("jt/y", "alice")
+    annotated = _pod("ns", "p", "10.0.2.1")
+    annotated["metadata"]["annotations"] = {"hub/user": "alice"}  # type: ignore[index]
+    assert anyone.owners_of(annotated) == ["jt/y"]
+    assert anyone.owners_of(_pod("ns", "q", "10.0.2.2")) == []

@@ -227,6 +227,7 @@ class Reconciler:
             transform=sources.trim_pod,
         )
         self._source_seen: dict[str, tuple[Any, ...]] = {}
+        self._owners = sources.OwnerIndex(self.users)
         self.services = informer(
             "Service", self._core.list_service_for_all_namespaces, self._on_marked, scheduler
         )
@@ -433,10 +434,13 @@ class Reconciler:
         )
         if kind == "DELETED":
             self._tunnel_seen.pop(key, None)
+            self._owners.remove(key)
         elif self._tunnel_seen.get(key) == seen:
             return
         else:
             self._tunnel_seen[key] = seen
+            user = (obj.get("spec") or {}).get("user")
+            self._owners.set(key, user if isinstance(user, str) else None)
         self.queue.add(key)
         self.jobs.notice(obj)
 
@@ -466,11 +470,12 @@ class Reconciler:
             return
         else:
             self._source_seen[key] = seen
-        everyone = sources.selected(pod, self.settings.operator_pod_selector)
-        for tunnel_key, tunnel in list(self.tunnels.cache.items()):
-            user = (tunnel.get("spec") or {}).get("user")
-            if everyone or (isinstance(user, str) and self.users.owns(pod, user)):
-                self.queue.add(tunnel_key)
+        if sources.selected(pod, self.settings.operator_pod_selector):
+            keys = list(self.tunnels.cache)  # the operator may reach every tunnel
+        else:
+            keys = self._owners.owners_of(pod)
+        for tunnel_key in keys:
+            self.queue.add(tunnel_key)
 
     def _on_policy(self, _kind: str, obj: Obj) -> None:
         meta = obj.get("metadata") or {}

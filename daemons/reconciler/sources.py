@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from daemons.reconciler.kube import Obj, labels_of
-from daemons.reconciler.verify import UserRules
+from daemons.reconciler.verify import UserRules, user_slug
 
 #: What the forwarder reports at most per Tunnel, and what we remember having reported.
 MAX_REPORTED = 64
@@ -107,3 +107,53 @@ def unreported(tunnel: Obj) -> list[dict[str, Any]]:
         if isinstance(entry, dict) and str(entry.get("address")) not in done:
             out.append(entry)
     return out
+
+
+class OwnerIndex:
+    """Tunnel keys by what their owner's pods carry: a pod event costs a lookup, not a scan.
+
+    The reconciler sees every pod of the cluster; scanning every Tunnel for each would be
+    pods x tunnels at each relist. The most selective user rule is the key (the namespace, else
+    the user label's value); with only an annotation rule every Tunnel is a candidate.
+    """
+
+    def __init__(self, rules: UserRules) -> None:
+        self.rules = rules
+        self._user: dict[str, str] = {}
+        self._by_token: dict[tuple[str, str], set[str]] = {}
+
+    def _tokens(self, user: str) -> list[tuple[str, str]]:
+        namespace = self.rules.expected_namespace(user)
+        if namespace is not None:
+            return [("ns", namespace)]
+        if self.rules.label:
+            return [("label", v) for v in {user, user_slug(user, self.rules.slug_scheme)}]
+        return [("any", "")]
+
+    def set(self, key: str, user: str | None) -> None:
+        self.remove(key)
+        if user:
+            self._user[key] = user
+            for token in self._tokens(user):
+                self._by_token.setdefault(token, set()).add(key)
+
+    def remove(self, key: str) -> None:
+        user = self._user.pop(key, None)
+        if user is None:
+            return
+        for token in self._tokens(user):
+            keys = self._by_token.get(token)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._by_token[token]
+
+    def owners_of(self, pod: Obj) -> list[str]:
+        """The Tunnel keys whose user owns ``pod`` by every rule."""
+        meta = pod.get("metadata") or {}
+        candidates = set(self._by_token.get(("ns", str(meta.get("namespace"))), ()))
+        if self.rules.label:
+            value = str(labels_of(pod).get(self.rules.label))
+            candidates |= self._by_token.get(("label", value), set())
+        candidates |= self._by_token.get(("any", ""), set())
+        return sorted(k for k in candidates if self.rules.owns(pod, self._user[k]))
