@@ -43,6 +43,13 @@ class ForwarderMetrics:
             "Published sessions replaced by a newer one of the same identity",
             registry=registry,
         )
+        self.liveness_challenges = Counter(
+            "jobtunnel_forwarder_liveness_challenges",
+            "Published sessions challenged because another session claimed their identity, "
+            "by outcome (alive: the claimant was refused; dead: it replaces the holder)",
+            ["outcome"],
+            registry=registry,
+        )
         self.sessions = Gauge(
             "jobtunnel_forwarder_sessions",
             "Live sessions by state",
