@@ -45,8 +45,8 @@ class ForwarderMetrics:
         )
         self.liveness_challenges = Counter(
             "jobtunnel_forwarder_liveness_challenges",
-            "Published sessions challenged because another session claimed their identity, "
-            "by outcome (alive: the claimant was refused; dead: it replaces the holder)",
+            "Claims of a published identity, by what the holder's liveness challenge found "
+            "(alive: the claimant was refused; dead: the claimant replaces the holder)",
             ["outcome"],
             registry=registry,
         )
