@@ -26,7 +26,7 @@ from structlog.testing import capture_logs
 
 from daemons.agent import metrics as agent_metrics
 from daemons.agent.session import AgentIdentity, AgentSession
-from daemons.forwarder.sessions import Session
+from daemons.forwarder.sessions import LivenessChallenge, Session
 from shared import protocol as p
 from shared.config import HostPort
 from shared.metrics import new_registry
@@ -170,6 +170,29 @@ def agent_metrics_of(session: AgentSession) -> tuple[dict[str, float], bytes]:
         for s in family.samples
     }
     return values, body
+
+
+# --- 0. the challenge itself, without a network ----------------------------------------------
+
+
+async def test_liveness_challenge_is_single_flight_and_bounded() -> None:
+    asked: list[LivenessChallenge] = []
+    holder = Session(id="h", user="alice", peer="?", mode="agent", probe=asked.append)
+    first = holder.challenge_liveness(0.3)
+    assert holder.challenge_liveness(0.3) is first  # a second claimant joins it
+    assert asked == [first]  # one question for both
+    with anyio.fail_after(STEP):
+        assert await first.wait() is False  # nobody answered: dead at the deadline
+    first.settle(True)  # a late answer changes nothing
+    assert first.alive is False
+    second = holder.challenge_liveness(0.3)  # after the deadline: a new question
+    assert second is not first
+    assert asked == [first, second]
+    assert second.nonce != first.nonce
+    assert p.NONCE_RE.fullmatch(second.nonce)
+    second.settle(True)
+    assert await second.wait() is True
+    assert holder.challenge_liveness(0.3) is second  # answered: reused until its deadline
 
 
 # --- 1. a live holder keeps its identity ----------------------------------------------------
