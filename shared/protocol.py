@@ -33,6 +33,8 @@ __all__ = [
     "HEADER_SIZE",
     "MAX_FRAME_SIZE",
     "MESSAGE_TYPES",
+    "NONCE_RE",
+    "PING_VERSION",
     "PROTOCOL_VERSIONS",
     "SERVICE_NAME_RE",
     "AgentCounters",
@@ -47,7 +49,9 @@ __all__ = [
     "Hello",
     "JobInfo",
     "Message",
+    "Ping",
     "PodInfo",
+    "Pong",
     "ProtocolError",
     "Ready",
     "Role",
@@ -62,7 +66,10 @@ __all__ = [
     "to_dict",
 ]
 
-PROTOCOL_VERSIONS: tuple[int, ...] = (1,)
+PROTOCOL_VERSIONS: tuple[int, ...] = (1, 2)
+# Version 2 adds ``ping``/``pong``: the liveness challenge a claimant of a published identity
+# triggers. A v1 peer never sees them (the forwarder then waits for any frame instead).
+PING_VERSION = 2
 MAX_FRAME_SIZE = 65536
 HEADER_SIZE = 4
 
@@ -77,6 +84,8 @@ MAX_TEXT_LENGTH = 1024  # free text: reasons, messages
 MIN_HEARTBEAT_INTERVAL = 0.1
 MAX_HEARTBEAT_INTERVAL = 3600.0
 HOST_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*")
+# A challenge's nonce: short and printable, so it can be echoed and logged as it is.
+NONCE_RE = re.compile(r"[A-Za-z0-9_-]{8,64}")
 _PLAIN_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 # Integers are bounded so that peers written in languages with fixed-width integers (and JSON
@@ -612,6 +621,32 @@ class Drain(_Model):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Ping(_Model):
+    """The forwarder asks "are you alive?": someone else claims this session's identity (v2).
+
+    Answered at once by the agent's `Conversation`; a holder that does not answer within
+    the forwarder's bound is taken for dead and replaced.
+    """
+
+    TYPE: ClassVar[str] = "ping"
+
+    nonce: str
+
+    _SCHEMA: ClassVar[Mapping[str, _Validator]] = {"nonce": _Str(NONCE_RE)}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Pong(_Model):
+    """The agent's answer to `Ping`, echoing its nonce so an old answer cannot pass (v2)."""
+
+    TYPE: ClassVar[str] = "pong"
+
+    nonce: str
+
+    _SCHEMA: ClassVar[Mapping[str, _Validator]] = {"nonce": _Str(NONCE_RE)}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Bye(_Model):
     """The job is ending: unpublish now instead of waiting for a heartbeat timeout."""
 
@@ -644,7 +679,17 @@ class Error(_Model):
 
 
 Message: TypeAlias = (
-    Hello | Welcome | Ready | Heartbeat | HeartbeatAck | ServiceStatus | Drain | Bye | Error
+    Hello
+    | Welcome
+    | Ready
+    | Heartbeat
+    | HeartbeatAck
+    | ServiceStatus
+    | Drain
+    | Ping
+    | Pong
+    | Bye
+    | Error
 )
 
 _MESSAGE_CLASSES: tuple[type[Message], ...] = (
@@ -655,6 +700,8 @@ _MESSAGE_CLASSES: tuple[type[Message], ...] = (
     HeartbeatAck,
     ServiceStatus,
     Drain,
+    Ping,
+    Pong,
     Bye,
     Error,
 )
@@ -868,6 +915,8 @@ _SENDER: Mapping[type[Message], Role | None] = {
     HeartbeatAck: Role.FORWARDER,
     ServiceStatus: Role.AGENT,
     Drain: Role.FORWARDER,
+    Ping: Role.FORWARDER,
+    Pong: Role.AGENT,
     Bye: Role.AGENT,
     Error: None,  # either side
 }
@@ -875,18 +924,19 @@ _SENDER: Mapping[type[Message], Role | None] = {
 _S = ConversationState
 # heartbeat_ack, drain and bye are also legal between welcome and ready: the agent may
 # heartbeat while it registers its forwards, and either side may give up during that time.
+# ping/pong too (and only from version 2 on, see `Conversation._check`).
 _ALLOWED: Mapping[Role, Mapping[ConversationState, frozenset[type[Message]]]] = {
     Role.AGENT: {
         _S.AWAIT_HELLO: frozenset({Hello, Error}),
         _S.AWAIT_WELCOME: frozenset({Error}),
-        _S.AWAIT_READY: frozenset({Ready, Heartbeat, ServiceStatus, Bye, Error}),
-        _S.ESTABLISHED: frozenset({Heartbeat, ServiceStatus, Bye, Error}),
+        _S.AWAIT_READY: frozenset({Ready, Heartbeat, ServiceStatus, Pong, Bye, Error}),
+        _S.ESTABLISHED: frozenset({Heartbeat, ServiceStatus, Pong, Bye, Error}),
     },
     Role.FORWARDER: {
         _S.AWAIT_HELLO: frozenset({Error}),
         _S.AWAIT_WELCOME: frozenset({Welcome, Error}),
-        _S.AWAIT_READY: frozenset({HeartbeatAck, Drain, Error}),
-        _S.ESTABLISHED: frozenset({HeartbeatAck, Drain, Error}),
+        _S.AWAIT_READY: frozenset({HeartbeatAck, Drain, Ping, Error}),
+        _S.ESTABLISHED: frozenset({HeartbeatAck, Drain, Ping, Error}),
     },
 }
 
@@ -897,6 +947,9 @@ class Conversation:
     Each direction closes independently (h11-style): after we send ``bye`` the peer's
     messages already in flight are still accepted, but nothing may follow the peer's own
     ``bye`` or fatal ``error``.  ``state`` is CLOSED as soon as either direction is.
+
+    The agent's side answers a ``ping`` by itself: `receive_data` queues the ``pong`` and
+    `data_to_send` hands it out, so the answer cannot wait on anything the daemon does.
     """
 
     def __init__(self, role: Role) -> None:
@@ -910,6 +963,7 @@ class Conversation:
         self._we_closed = False
         self._they_closed = False
         self._receive_error: ProtocolError | None = None
+        self._outgoing = bytearray()
 
     @property
     def state(self) -> ConversationState:
@@ -937,6 +991,12 @@ class Conversation:
             self._check(msg, self.role, closed=self._we_closed or self._they_closed)
         data = encode(msg)
         self._apply(msg, self.role)
+        return data
+
+    def data_to_send(self) -> bytes:
+        """Frames the conversation wrote by itself (the ``pong`` to a ``ping``); then empty."""
+        data = bytes(self._outgoing)
+        self._outgoing.clear()
         return data
 
     def receive_data(self, data: bytes) -> list[Message]:
@@ -988,6 +1048,12 @@ class Conversation:
                 "unexpected-message",
                 f"unexpected {msg.TYPE!r} from {sender.value} in state {state.name}",
             )
+        if isinstance(msg, Ping | Pong) and (self.version or 0) < PING_VERSION:
+            raise ProtocolError(
+                "unexpected-message",
+                f"unexpected {msg.TYPE!r} from {sender.value}: it needs protocol version "
+                f"{PING_VERSION}, this conversation negotiated {self.version}",
+            )
 
     def _apply(self, msg: Message, sender: Role) -> None:
         if isinstance(msg, Hello):
@@ -1014,6 +1080,8 @@ class Conversation:
             self._phase = ConversationState.AWAIT_READY
         elif isinstance(msg, Ready):
             self._phase = ConversationState.ESTABLISHED
+        elif isinstance(msg, Ping) and sender is not self.role and not self._we_closed:
+            self._outgoing += self.send(Pong(nonce=msg.nonce))
         elif isinstance(msg, Bye) or (isinstance(msg, Error) and msg.fatal):
             if sender is self.role:
                 self._we_closed = True

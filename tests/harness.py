@@ -199,6 +199,7 @@ def agent_settings(
         "private_ip": "127.0.0.1",
         "backoff_initial": 0.1,
         "backoff_max": 1.0,
+        "identity_conflict_backoff_max": 1.0,
         "service_wait_timeout": 30.0,
     }
     base.update(overrides)
@@ -207,14 +208,18 @@ def agent_settings(
 
 @contextlib.asynccontextmanager
 async def running_agent(
-    settings: AgentSettings, identity: AgentIdentity | None = None
+    settings: AgentSettings, identity: AgentIdentity | None = None, *, published: bool = True
 ) -> AsyncIterator[AgentSession]:
-    """The real agent session, in this process; published before the block starts."""
+    """The real agent session, in this process; published before the block starts.
+
+    ``published=False``: the block starts at once (e.g. an agent expected to be refused).
+    """
     identity = identity or AgentIdentity(instance_id=os.urandom(8).hex(), private_ip="127.0.0.1")
     session = AgentSession(settings, identity, settings.read_token())
     async with anyio.create_task_group() as tg:
         tg.start_soon(session.run)
-        await wait_for(lambda: session.state.published, what="agent session published")
+        if published:
+            await wait_for(lambda: session.state.published, what="agent session published")
         try:
             yield session
         finally:

@@ -444,10 +444,14 @@ async def test_invented_services_up_names(tmp_path: Path) -> None:
 
 
 async def test_pending_takeover_hellos_bounded_and_hold_no_ports(tmp_path: Path) -> None:
-    """A published identity claimed by many pending hellos: one may wait, the rest refused."""
+    """A published identity claimed by many pending hellos: one may wait, the rest refused.
+
+    The one that waits is waiting on the liveness challenge of the holder (which never
+    answers, so it gets its welcome at the bound); nothing is reserved meanwhile."""
     async with (
         echo_server(b"S:") as port,
-        forwarder(tmp_path, max_sessions_per_user=1) as fw,
+        # No heartbeat deadline during the test: only the challenge may find the owner dead.
+        forwarder(tmp_path, max_sessions_per_user=1, heartbeat_interval=30.0) as fw,
         victim(fw) as address,
     ):
         owner = await probe(fw)
@@ -459,16 +463,26 @@ async def test_pending_takeover_hellos_bounded_and_hold_no_ports(tmp_path: Path)
             control.send(p.Ready(services=("scheduler",)))
             await wait_for(lambda: len(fw.tunnels()) == 2, STEP, "alice published")
             in_use = fw.forwarder.ports.in_use
-            outcomes = []
+            (owner_session,) = [
+                s for s in fw.forwarder.registry if s.published and s.user == "alice"
+            ]
+            claims = []
             for _ in range(20):
                 conn = await stack.enter_async_context(await probe(fw))
                 claim = await RawControl.open(conn)
                 claim.send(hello("scheduler", "dashboard", instance_id="same"))
-                outcomes.append(type(await claim.receive()).__name__)
-            # Limit 1, alice at it: one pending takeover may wait, the other 19 are refused.
-            assert outcomes[0] == "Welcome", outcomes
-            assert set(outcomes[1:]) == {"Error"}, outcomes
-            # A hello reserves nothing: ports only at forward time.
+                claims.append(claim)
+                if len(claims) == 1:
+                    await wait_for(lambda: owner_session.challenge, STEP, "the owner challenged")
+            # Limit 1, alice at it: one pending takeover may wait, the other 19 are refused
+            # while the first one's challenge is still pending.
+            outcomes = [type(await claim.receive()).__name__ for claim in claims[1:]]
+            assert set(outcomes) == {"Error"}, outcomes
+            assert owner_session.challenge is not None
+            assert not owner_session.challenge.settled.is_set()
+            # A pending hello reserves nothing: ports only at forward time.
+            assert fw.forwarder.ports.in_use == in_use
+            assert isinstance(await claims[0].receive(), p.Welcome)  # the owner never answered
             assert fw.forwarder.ports.in_use == in_use
             assert await refusals(fw, "session-limit") == 19
             assert len([s for s in fw.forwarder.registry if s.user == "alice"]) <= 2

@@ -91,6 +91,7 @@ def forwarder_env(tmp_path: Path) -> dict[str, str]:
         ("JOBTUNNEL_HTTP", ":8080", "with a host"),
         ("JOBTUNNEL_AUTH", "ldap", "ldap"),
         ("JOBTUNNEL_HEARTBEAT_INTERVAL", "-1", "positive"),
+        ("JOBTUNNEL_TAKEOVER_CHALLENGE_TIMEOUT", "0", "positive"),
         ("JOBTUNNEL_MAX_SESSIONS_PER_USER", "many", "positive integer"),
         ("JOBTUNNEL_HUB_VERIFY_TLS", "maybe", "true or false"),
         ("JOBTUNNEL_ALLOWED_SERVICES", "Scheduler", "lowercase"),
@@ -107,6 +108,14 @@ def test_forwarder_bad_value(
 def test_forwarder_hub_auth_needs_url(forwarder_env: dict[str, str], tmp_path: Path) -> None:
     result = run([FORWARDER], forwarder_env | {"JOBTUNNEL_AUTH": "hub"}, tmp_path)
     assert_config_error(result, "JOBTUNNEL_HUB_API_URL")
+
+
+def test_forwarder_takeover_challenge_fits_the_login_timeout(
+    forwarder_env: dict[str, str], tmp_path: Path
+) -> None:
+    env = {"JOBTUNNEL_TAKEOVER_CHALLENGE_TIMEOUT": "30", "JOBTUNNEL_LOGIN_TIMEOUT": "10"}
+    result = run([FORWARDER], forwarder_env | env, tmp_path)
+    assert_config_error(result, "JOBTUNNEL_TAKEOVER_CHALLENGE_TIMEOUT", "JOBTUNNEL_LOGIN_TIMEOUT")
 
 
 def test_forwarder_token_file_auth_needs_file(
@@ -169,6 +178,7 @@ def test_forwarder_wrong_toml_type_names_key(forwarder_env: dict[str, str], tmp_
         ("JOBTUNNEL_FORWARDER", "forwarder.example.org", "HOST:PORT"),
         ("JOBTUNNEL_FORWARDER", "forwarder.example.org:0", "1..65535"),
         ("JOBTUNNEL_BACKOFF_MAX", "0", "positive"),
+        ("JOBTUNNEL_IDENTITY_CONFLICT_BACKOFF_MAX", "-5", "positive"),
         ("JOBTUNNEL_HTTP", "nohost", "HOST:PORT"),
         ("JOBTUNNEL_INSECURE_SKIP_HOST_KEY_CHECK", "perhaps", "true or false"),
     ],

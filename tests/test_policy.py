@@ -571,8 +571,14 @@ async def test_protocol_abuse_gets_error_and_close(tmp_path: Path, data: bytes, 
 
 
 async def test_sessions_per_user_limit_but_takeover_allowed(tmp_path: Path) -> None:
-    async with echo_server(b"S:") as port, forwarder(tmp_path, max_sessions_per_user=1) as fw:
-        # An old session of identity "i-old", published (think: a half-dead connection).
+    # Heartbeats every 30 s: the old session is found dead by the liveness challenge the
+    # reconnect triggers, not by its heartbeat deadline.
+    async with (
+        echo_server(b"S:") as port,
+        forwarder(tmp_path, max_sessions_per_user=1, heartbeat_interval=30.0) as fw,
+    ):
+        # An old session of identity "i-old", published, that answers nothing (think: a
+        # half-dead connection whose agent is already reconnecting).
         old = await probe(fw)
         async with old:
             control = await RawControl.open(old)
@@ -596,9 +602,13 @@ async def test_sessions_per_user_limit_but_takeover_allowed(tmp_path: Path) -> N
                 assert error.fatal
                 await wait_closed(other, "the over-limit connection")
 
-            # The same identity reconnecting (a real agent) takes over: always allowed.
+            # The same identity reconnecting (a real agent) takes over once the old session
+            # fails its liveness challenge: allowed over the limit, and within the bound.
             settings = agent_settings(fw, services=(("scheduler", port),))
+            started = anyio.current_time()
             async with running_agent(settings, AgentIdentity(instance_id="i-old")) as agent:
+                bound = fw.forwarder.settings.takeover_challenge_timeout
+                assert anyio.current_time() - started < bound + STEP / 3
                 await wait_closed(old, "the replaced connection")
                 (tunnel,) = await tunnels(fw)
                 assert tunnel["id"] == agent.state.session_id

@@ -492,9 +492,9 @@ def test_same_identity_takes_over_atomically(keys: Keys, tmp_path: Path) -> None
             assert first["identity"] == "alice:pod:uid-1"
             assert banner(first["services"]["scheduler"]) == f"A {port_a}"
             takeovers = fw.metric("jobtunnel_forwarder_takeovers_total")
-            # The old agent is frozen (a job cut off by the network, say): the new one must
-            # replace it without the old one's help, and the test sees one takeover, not the
-            # ping-pong two live claimants of one identity would play.
+            # The old agent is frozen (a job cut off by the network, say): it cannot answer
+            # the liveness challenge B's claim triggers, so B replaces it without its help,
+            # and the test sees one takeover, not a ping-pong between two claimants.
             agent_a.signal(signal.SIGSTOP)
             try:
                 with process(
@@ -514,6 +514,10 @@ def test_same_identity_takes_over_atomically(keys: Keys, tmp_path: Path) -> None
                     old_address = first["services"]["scheduler"]
                     if old_address != second["services"]["scheduler"]:
                         wait_until(lambda: refused(old_address), "A's old listener to close")
+                    dead = fw.proc.event("holder failed the liveness challenge: replacing it")
+                    assert dead is not None
+                    assert dead["holder"] == first["id"]
+                    assert dead["waited"] >= 5.0 - 0.1  # the default bound, all of it
                     takeover = fw.proc.event("takeover")
                     assert takeover is not None
                     assert (takeover["session"], takeover["replaced"]) == (

@@ -17,6 +17,7 @@ from shared.protocol import (
     MAX_NAME_LENGTH,
     MAX_SERVICES,
     MAX_TEXT_LENGTH,
+    NONCE_RE,
     PROTOCOL_VERSIONS,
     AgentCounters,
     Bye,
@@ -30,7 +31,9 @@ from shared.protocol import (
     Hello,
     JobInfo,
     Message,
+    Ping,
     PodInfo,
+    Pong,
     ProtocolError,
     Ready,
     Role,
@@ -92,9 +95,12 @@ statuses = st.builds(ServiceStatus, name=names, up=st.booleans(), detail=text)
 drains = st.builds(Drain, reason=text, retry_after=st.floats(min_value=0, max_value=1e9))
 byes = st.builds(Bye, reason=text, exit_code=st.none() | st.integers(-(2**31), 2**31 - 1))
 errors = st.builds(Error, code=text, message=text, fatal=st.booleans())
+nonces = st.from_regex(NONCE_RE, fullmatch=True)
+pings = st.builds(Ping, nonce=nonces)
+pongs = st.builds(Pong, nonce=nonces)
 
 messages: st.SearchStrategy[Message] = st.one_of(
-    hellos, welcomes, readies, heartbeats, acks, statuses, drains, byes, errors
+    hellos, welcomes, readies, heartbeats, acks, statuses, drains, pings, pongs, byes, errors
 )
 
 json_scalars = st.none() | st.booleans() | st.integers() | numbers | st.text(max_size=10)
@@ -536,7 +542,8 @@ def test_negotiate_picks_highest_common() -> None:
     assert negotiate([1, 2, 3], [2, 3, 4]) == 3
     assert negotiate(iter([1]), iter([1])) == 1
     assert negotiate([1]) == 1
-    assert negotiate([5, 1]) == max(PROTOCOL_VERSIONS)
+    assert negotiate([5, 1]) == 1  # 5 is unknown to us: the highest we share
+    assert negotiate([5, *PROTOCOL_VERSIONS]) == max(PROTOCOL_VERSIONS)
 
 
 def test_negotiate_no_common_version() -> None:
@@ -756,3 +763,108 @@ def test_agent_refuses_addresses_for_services_it_did_not_announce() -> None:
             services=(ServiceAddress(name="scheduler", host=host, port=40000),),
         )
         assert ok_agent.receive_data(ok_fwd.send(ok)) == [ok]
+
+
+# --- liveness challenge (version 2) ---------------------------------------------------------
+
+HELLO_V2 = Hello(versions=(1, 2), agent_version="0.2.0", instance_id="inst-2")
+WELCOME_V2 = Welcome(version=2, session_id="sess", heartbeat_interval=10)
+
+
+def established_v2() -> tuple[Conversation, Conversation]:
+    agent, fwd = pair()
+    deliver(agent, fwd, HELLO_V2)
+    deliver(fwd, agent, WELCOME_V2)
+    deliver(agent, fwd, Ready())
+    return agent, fwd
+
+
+def test_version_2_is_offered_and_negotiated() -> None:
+    assert PROTOCOL_VERSIONS == (1, 2)
+    assert negotiate(PROTOCOL_VERSIONS) == 2
+    assert negotiate([1]) == 1  # an old agent still gets in, without ping/pong
+
+
+@pytest.mark.parametrize("cls", [Ping, Pong])
+def test_ping_pong_round_trip(cls: type[Ping] | type[Pong]) -> None:
+    msg = cls(nonce="n0nce-_AZ09")
+    assert to_dict(msg) == {"type": cls.TYPE, "nonce": "n0nce-_AZ09"}
+    assert from_dict(to_dict(msg)) == msg
+    assert FrameDecoder().feed(encode(msg)) == [msg]
+
+
+@pytest.mark.parametrize(
+    "nonce",
+    ["short", "x" * 65, "has space ok", "new\nline-nonce", 12345678, None, True, ["abcdefgh"]],
+)
+@pytest.mark.parametrize("type_name", ["ping", "pong"])
+def test_bad_nonce_refused_naming_the_field(type_name: str, nonce: object) -> None:
+    err = raises("bad-field", {"type": type_name, "nonce": nonce})
+    assert err.field == "nonce"
+    assert str(err).startswith(f"{type_name}.nonce: "), str(err)
+    with pytest.raises(ProtocolError, match=rf"{type_name}\.nonce"):
+        (Ping if type_name == "ping" else Pong)(nonce=nonce)  # type: ignore[arg-type]
+
+
+def test_missing_nonce_refused() -> None:
+    err = raises("missing-field", {"type": "ping"})
+    assert err.field == "nonce"
+
+
+def test_agent_conversation_answers_ping_by_itself() -> None:
+    agent, fwd = established_v2()
+    ping = Ping(nonce="abcdefgh12")
+    assert agent.data_to_send() == b""
+    assert agent.receive_data(fwd.send(ping)) == [ping]  # the daemon still sees it
+    answer = agent.data_to_send()
+    assert agent.data_to_send() == b""  # handed out once
+    assert fwd.receive_data(answer) == [Pong(nonce="abcdefgh12")]
+    assert_state(ConversationState.ESTABLISHED, agent, fwd)
+
+
+def test_ping_answered_between_welcome_and_ready() -> None:
+    agent, fwd = pair()
+    deliver(agent, fwd, HELLO_V2)
+    deliver(fwd, agent, WELCOME_V2)
+    agent.receive_data(fwd.send(Ping(nonce="abcdefgh12")))
+    assert fwd.receive_data(agent.data_to_send()) == [Pong(nonce="abcdefgh12")]
+    assert_state(ConversationState.AWAIT_READY, agent, fwd)
+
+
+def test_no_pong_after_our_bye() -> None:
+    agent, fwd = established_v2()
+    ping = fwd.send(Ping(nonce="abcdefgh12"))
+    fwd.receive_data(agent.send(Bye(reason="done")))
+    assert agent.receive_data(ping) == [Ping(nonce="abcdefgh12")]
+    assert agent.data_to_send() == b""
+
+
+@pytest.mark.parametrize("cls", [Ping, Pong])
+def test_ping_pong_before_welcome_refused(cls: type[Ping] | type[Pong]) -> None:
+    agent, fwd = pair()
+    deliver(agent, fwd, HELLO_V2)  # AWAIT_WELCOME on both sides
+    receiver = agent if cls is Ping else fwd
+    message = unexpected(receiver, encode(cls(nonce="abcdefgh12")))
+    assert "AWAIT_WELCOME" in message, message
+    assert_state(ConversationState.CLOSED, receiver)
+    fresh = Conversation(Role.FORWARDER)
+    assert "AWAIT_HELLO" in unexpected(fresh, encode(Pong(nonce="abcdefgh12")))
+
+
+def test_ping_pong_wrong_direction_refused() -> None:
+    agent, fwd = established_v2()
+    assert "only the forwarder" in unexpected(fwd, encode(Ping(nonce="abcdefgh12")))
+    assert "only the agent" in unexpected(agent, encode(Pong(nonce="abcdefgh12")))
+    with pytest.raises(ProtocolError, match="only the agent"):
+        Conversation(Role.FORWARDER).send(Pong(nonce="abcdefgh12"))
+
+
+def test_ping_pong_need_version_2() -> None:
+    agent, fwd = established()  # version 1
+    assert agent.version == 1
+    assert "version 2" in unexpected(agent, encode(Ping(nonce="abcdefgh12")))
+    _, fwd = established()
+    assert "version 2" in unexpected(fwd, encode(Pong(nonce="abcdefgh12")))
+    _, fwd = established()
+    with pytest.raises(ProtocolError, match="version 2"):
+        fwd.send(Ping(nonce="abcdefgh12"))

@@ -119,8 +119,10 @@ async def test_bye_unpublishes_at_once(tmp_path: Path) -> None:
             await wait_for(lambda: fw.tunnels() == [], what="unpublish after bye")
 
 
-async def test_takeover_newest_wins_and_old_agent_stands_down(tmp_path: Path) -> None:
-    """Two live agents claiming one pod: the newer keeps it, the older stops reconnecting."""
+async def test_live_holder_keeps_its_identity_until_it_leaves(tmp_path: Path) -> None:
+    """Two live agents claiming one pod: the first keeps it (it answers the liveness
+    challenge); the second is refused, backs off and retries, and gets it once the first
+    has gone. (Before the challenge existed the newest won at once.)"""
     write_token_file(tmp_path / "tokens", TOKENS)
     pod = p.PodInfo(namespace="jupyter-alice", name="c-scheduler", uid="uid-1")
     async with (
@@ -132,15 +134,30 @@ async def test_takeover_newest_wins_and_old_agent_stands_down(tmp_path: Path) ->
             AgentIdentity(instance_id="a", pod=pod, private_ip="10.0.0.1"),
         ) as agent_a,
     ):
-        first = fw.tunnels()[0]
+        (first,) = fw.tunnels()
         async with running_agent(
             agent_settings(fw, services=(("scheduler", port_b),)),
             AgentIdentity(instance_id="b", pod=pod, private_ip="10.0.0.2"),
+            published=False,
         ) as agent_b:
-            await wait_for(lambda: agent_a.state.replaced, what="A told it was replaced")
+            await wait_for(
+                lambda: agent_b.state.identity_conflicts >= 2, what="B refused, and again on retry"
+            )
+            assert agent_b.state.identity_conflict
+            assert "identity-held" in (agent_b.ready_check() or "")
+            (tunnel,) = fw.tunnels()
+            assert tunnel["id"] == first["id"] == agent_a.state.session_id
+            assert tunnel["private_ip"] == "10.0.0.1"
+            assert await echo_roundtrip(tunnel["services"]["scheduler"]) == b"A:ping"
+            assert agent_a.state.connects == 1
+            assert agent_a.state.identity_conflicts == 0
+            assert agent_a.ready_check() is None
+
+            await agent_a.bye("job done")
+            await wait_for(lambda: agent_b.state.published, what="B published after A left")
             (tunnel,) = fw.tunnels()
             assert tunnel["id"] == agent_b.state.session_id != first["id"]
             assert tunnel["private_ip"] == "10.0.0.2"
             assert await echo_roundtrip(tunnel["services"]["scheduler"]) == b"B:ping"
-            assert agent_a.ready_check() == "replaced by a newer session of the same identity"
-            assert agent_a.state.connects == 1  # it never came back to take the tunnel again
+            assert not agent_b.state.identity_conflict
+            assert agent_b.ready_check() is None

@@ -16,9 +16,9 @@ import uuid
 from pathlib import Path
 
 import anyio
-from prometheus_client import Gauge
 
 from daemons.agent import identity as job_identity
+from daemons.agent import metrics
 from daemons.agent.secrecy import child_environment, is_undumpable
 from daemons.agent.session import AgentIdentity, AgentSession
 from daemons.agent.settings import AgentSettings
@@ -63,40 +63,13 @@ def build_identity(settings: AgentSettings) -> AgentIdentity:
     )
 
 
-def _metrics(registry: object, session: AgentSession) -> None:
-    connected = Gauge(
-        "jobtunnel_agent_connected",
-        "1 while the session is published at the forwarder",
-        registry=registry,  # type: ignore[arg-type]
-    )
-    connected.set_function(lambda: 1.0 if session.state.published else 0.0)
-    connects = Gauge(
-        "jobtunnel_agent_connects",
-        "SSH connections made so far",
-        registry=registry,  # type: ignore[arg-type]
-    )
-    connects.set_function(lambda: float(session.state.connects))
-    rtt = Gauge(
-        "jobtunnel_agent_heartbeat_rtt_seconds",
-        "Last heartbeat round trip to the forwarder",
-        registry=registry,  # type: ignore[arg-type]
-    )
-    rtt.set_function(lambda: session.state.last_rtt or 0.0)
-    forwarded = Gauge(
-        "jobtunnel_agent_forwarded_connections",
-        "Connections forwarded to the local services",
-        registry=registry,  # type: ignore[arg-type]
-    )
-    forwarded.set_function(lambda: float(session.state.connections_forwarded))
-
-
 async def serve(settings: AgentSettings, command: list[str]) -> int:
     token = settings.read_token()
     logs.redactor.register(token.reveal())
     identity = build_identity(settings)
     session = AgentSession(settings, identity, token)
     registry = new_registry()
-    _metrics(registry, session)
+    metrics.register(registry, session)
     log.info(
         "starting",
         forwarder=str(settings.forwarder),

@@ -4,6 +4,14 @@ One :class:`AgentSession` lives as long as the agent. Each connection attempt
 runs :meth:`AgentSession._connect_once` to its end (drain, error, network
 loss); the loop around it reconnects with exponential backoff and full
 jitter, so a forwarder restart does not see every job of a pool at once.
+
+When the forwarder says another session holds our identity (``replaced``: we were
+taken for dead; ``identity-held``: the holder is alive) the agent never stands down
+for good: a stolen token must not be able to switch a job's tunnel off silently.
+It says so at error level and in ``jobtunnel_agent_identity_conflict*``, and keeps
+retrying with the same backoff, capped at ``identity_conflict_backoff_max``; the
+forwarder only lets it back once the other holder is gone, so two live claimants
+never take the identity from each other in turn.
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ log = get_logger("jobtunnel.agent")
 
 AGENT_VERSION = "0.1.0"
 WELCOME_TIMEOUT = 15.0
+# Error codes saying that another session holds this agent's identity.
+IDENTITY_CONFLICT_CODES = frozenset({"replaced", "identity-held"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +62,10 @@ class AgentState:
     last_rtt: float | None = None
     connections_forwarded: int = 0
     services_up: dict[str, bool] = field(default_factory=dict)
-    replaced: bool = False
+    # True from a ``replaced``/``identity-held`` until we are published again.
+    identity_conflict: bool = False
+    identity_conflicts: int = 0
+    last_conflict: str | None = None  # the forwarder's message, for /readyz
 
 
 class _Drained(Exception):
@@ -149,8 +162,8 @@ class AgentSession:
         return self._stop_flag
 
     def ready_check(self) -> str | None:
-        if self.state.replaced:
-            return "replaced by a newer session of the same identity"
+        if self.state.identity_conflict:
+            return f"another session holds this agent's identity: {self.state.last_conflict}"
         if not self.state.published:
             return "not connected to the forwarder" if not self.state.connected else "not ready"
         return None
@@ -181,6 +194,7 @@ class AgentSession:
         failures = 0
         while not self._stop_requested():
             started = anyio.current_time()
+            ceiling = self.settings.backoff_max
             try:
                 await _unwrapped(self._connect_once(names))
                 failures = 0
@@ -189,13 +203,11 @@ class AgentSession:
                 failures = 0
                 continue
             except _Fatal as exc:
-                log.error("refused by forwarder", reason=str(exc))
-                if exc.code == "replaced":
-                    # A newer agent claims our identity (a resubmitted job, a duplicate):
-                    # the newest wins; taking it back would make the two alternate forever.
-                    log.error("replaced by a newer session of the same identity: not reconnecting")
-                    self.state.replaced = True
-                    break
+                if exc.code in IDENTITY_CONFLICT_CODES:
+                    self._identity_conflict(exc)
+                    ceiling = self.settings.identity_conflict_backoff_max
+                else:
+                    log.error("refused by forwarder", reason=str(exc))
                 failures += 1
             except (OSError, asyncssh.Error, p.ProtocolError, TimeoutError) as exc:
                 if self._stop_requested():
@@ -209,15 +221,29 @@ class AgentSession:
             # A connection that lived a while resets the backoff.
             if anyio.current_time() - started > 60:
                 failures = min(failures, 1)
-            delay = self._backoff(failures)
+            delay = self._backoff(failures, ceiling)
             log.info("reconnecting", in_seconds=round(delay, 2), attempt=failures)
             with anyio.move_on_after(delay):
                 await self._stopped.wait()
         log.info("session loop ended")
 
-    def _backoff(self, failures: int) -> float:
+    def _identity_conflict(self, exc: _Fatal) -> None:
+        """Someone else has our identity: say it loudly, every time, and keep trying."""
+        self.state.identity_conflict = True
+        self.state.identity_conflicts += 1
+        self.state.last_conflict = str(exc)
+        log.error(
+            "another session holds this agent's identity: retrying with backoff",
+            code=exc.code,
+            reason=str(exc),
+            conflicts=self.state.identity_conflicts,
+            hint="a duplicate of this job, or someone else using this job's token",
+        )
+
+    def _backoff(self, failures: int, ceiling: float | None = None) -> float:
         s = self.settings
-        cap = min(s.backoff_max, s.backoff_initial * (2 ** max(0, failures - 1)))
+        top = s.backoff_max if ceiling is None else ceiling
+        cap = min(top, s.backoff_initial * (2 ** max(0, failures - 1)))
         return self._rng.uniform(s.backoff_initial / 2, max(s.backoff_initial / 2, cap))
 
     def _current_token(self) -> Secret:
@@ -304,6 +330,9 @@ class AgentSession:
             }
             self._send(p.Ready(services=tuple(services)))
             self.state.published = True
+            if self.state.identity_conflict:
+                log.warning("identity back: this agent's session is published again")
+            self.state.identity_conflict = False
             log.info(
                 "tunnel ready",
                 session=welcome.session_id,
@@ -324,7 +353,9 @@ class AgentSession:
                 data = await reader.read(65536)
                 if not data:
                     raise ConnectionError("forwarder closed the control channel before welcome")
-                for message in self._conversation.receive_data(data):
+                messages = self._conversation.receive_data(data)
+                self._flush()
+                for message in messages:
                     if isinstance(message, p.Welcome):
                         return message
                     if isinstance(message, p.Error):
@@ -376,7 +407,9 @@ class AgentSession:
             data = await reader.read(65536)
             if not data:
                 raise ConnectionError("control channel closed by the forwarder")
-            for message in self._conversation.receive_data(data):
+            messages = self._conversation.receive_data(data)
+            self._flush()  # the pong to a ping, before anything else can delay it
+            for message in messages:
                 if isinstance(message, p.HeartbeatAck):
                     self.state.last_rtt = max(0.0, time.time() - message.sent_at)
                 elif isinstance(message, p.Drain):
@@ -385,6 +418,13 @@ class AgentSession:
                     if message.fatal:
                         raise _Fatal(f"{message.code}: {message.message}", message.code)
                     log.warning("forwarder error", code=message.code, message=message.message)
+
+    def _flush(self) -> None:
+        """Write what the conversation answered by itself (a ``pong``)."""
+        if self._writer is None or self._conversation is None:
+            return
+        if data := self._conversation.data_to_send():
+            self._writer.write(data)
 
     def _send(self, message: p.Message) -> None:
         conversation = self._conversation

@@ -32,6 +32,8 @@ class AgentSettings:
     keepalive_interval: float = c.option(c.positive_float, 15.0)
     backoff_initial: float = c.option(c.positive_float, 0.5)
     backoff_max: float = c.option(c.positive_float, 30.0)
+    #: Retries while another session holds our identity back off up to this (it may last).
+    identity_conflict_backoff_max: float = c.option(c.positive_float, 60.0)
     bye_timeout: float = c.option(c.positive_float, 3.0)
     log_level: str = c.option(c.choice("debug", "info", "warning", "error"), "info")
 

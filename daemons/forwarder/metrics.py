@@ -43,6 +43,13 @@ class ForwarderMetrics:
             "Published sessions replaced by a newer one of the same identity",
             registry=registry,
         )
+        self.liveness_challenges = Counter(
+            "jobtunnel_forwarder_liveness_challenges",
+            "Claims of a published identity, by what the holder's liveness challenge found "
+            "(alive: the claimant was refused; dead: the claimant replaces the holder)",
+            ["outcome"],
+            registry=registry,
+        )
         self.sessions = Gauge(
             "jobtunnel_forwarder_sessions",
             "Live sessions by state",

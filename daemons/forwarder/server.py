@@ -41,6 +41,7 @@ from daemons.forwarder.metrics import ForwarderMetrics
 from daemons.forwarder.ports import PortAllocator, PortsExhausted
 from daemons.forwarder.sessions import (
     Forward,
+    LivenessChallenge,
     Publisher,
     Session,
     SessionLimit,
@@ -367,6 +368,8 @@ class _Connection(asyncssh.SSHServer):
         )
         self.announced: set[str] = set()
         self.end_reason: str | None = None
+        # The holder this session's liveness challenge found dead: it may replace that one.
+        self._shown_dead: Session | None = None
         self._linger = False
         self._lost = anyio.Event()
 
@@ -484,6 +487,7 @@ class _Connection(asyncssh.SSHServer):
             peer=self.peer,
             mode="ssh",
             close=self.fail,
+            probe=self._probe,
         )
         self.fw.registry.add(self.session)
         self.fw.metrics.sessions_started.inc()
@@ -635,8 +639,33 @@ class _Connection(asyncssh.SSHServer):
                 p.ProtocolError("rate-limited", f"more than {rate:g} control frames per second")
             )
             return
+        if messages:
+            self._answered(messages)
         for message in messages:
             self.deliver(message)
+
+    def _probe(self, challenge: LivenessChallenge) -> None:
+        """A claimant wants this session's identity: ask the agent to prove it is alive."""
+        state = self.conversation.state
+        if self.closed or state is p.ConversationState.CLOSED:
+            challenge.settle(False)
+        elif self.control is None:
+            # A plain SSH client can't be asked (asyncssh keepalives watch it), and it has
+            # no identity a hello could claim: never reached, but never a takeover either.
+            challenge.settle(True)
+        elif (self.conversation.version or 0) >= p.PING_VERSION:
+            self.send(p.Ping(nonce=challenge.nonce))
+        # Version 1 has no ping: any frame arriving before the deadline settles it.
+
+    def _answered(self, messages: list[p.Message]) -> None:
+        """Settle a pending liveness challenge with what the agent just sent."""
+        challenge = self.session.challenge if self.session is not None else None
+        if challenge is None or challenge.settled.is_set():
+            return
+        if (self.conversation.version or 0) < p.PING_VERSION or any(
+            isinstance(m, p.Pong) and m.nonce == challenge.nonce for m in messages
+        ):
+            challenge.settle(True)
 
     def deliver(self, event: _Event) -> None:
         try:
@@ -691,6 +720,8 @@ class _Connection(asyncssh.SSHServer):
         if self.closed:
             return
         self.closed = True
+        if self.session is not None and self.session.challenge is not None:
+            self.session.challenge.settle(False)  # a closing holder is no holder
         if self.session is not None:
             log.info("closing", session=self.session.id, user=self.user, reason=reason)
         self.end_reason = reason
@@ -758,11 +789,14 @@ class _Connection(asyncssh.SSHServer):
                 await self.fw.publisher.publish(session)
             return None
         if isinstance(event, p.Hello):
-            return self._hello(session, event)
+            return await self._hello(session, event)
         if isinstance(event, p.Ready):
             missing = sorted(self.announced - set(session.forwards))
             if missing:
                 log.warning("ready with missing forwards", session=session.id, missing=missing)
+            # Another claimant may have published the identity since our hello's challenge.
+            if (refusal := await self._claim(session)) is not None:
+                return refusal
             await self._publish(session)
             return None
         if isinstance(event, p.Heartbeat):
@@ -793,7 +827,7 @@ class _Connection(asyncssh.SSHServer):
             return f"agent error: {event.code}" if event.fatal else None
         return None
 
-    def _hello(self, session: Session, hello: p.Hello) -> str | None:
+    async def _hello(self, session: Session, hello: p.Hello) -> str | None:
         try:
             version = p.negotiate(hello.versions)
         except p.ProtocolError as exc:
@@ -810,6 +844,9 @@ class _Connection(asyncssh.SSHServer):
             self.refuse("session-limit", str(exc))
             self.fail(str(exc), "session-limit")
             return str(exc)
+        # Before anything is announced or reserved: a refused claim holds no ports.
+        if (refusal := await self._claim(session)) is not None:
+            return refusal
         addresses = []
         for service in hello.services:
             if service.name not in self.fw.settings.allowed_services:
@@ -841,6 +878,50 @@ class _Connection(asyncssh.SSHServer):
         )
         return None
 
+    async def _claim(self, session: Session) -> str | None:
+        """A live holder keeps its identity; only one shown dead is replaced.
+
+        Returns a reason to end ``session`` (it was refused), or None to go on.
+        """
+        holder = self.fw.registry.holder(session)
+        if session.identity is None or holder is None or holder in (session, self._shown_dead):
+            return None
+        started = anyio.current_time()
+        challenge = holder.challenge_liveness(self.fw.settings.takeover_challenge_timeout)
+        alive = await challenge.wait()
+        waited = round(anyio.current_time() - started, 3)
+        self.fw.metrics.liveness_challenges.labels(outcome="alive" if alive else "dead").inc()
+        identity = ":".join(session.identity)
+        if self.closed:
+            return "claimant closed while its holder was challenged"
+        if not alive:
+            log.warning(
+                "holder failed the liveness challenge: replacing it",
+                session=session.id,
+                holder=holder.id,
+                user=session.user,
+                identity=identity,
+                peer=self.peer,
+                holder_peer=holder.peer,
+                waited=waited,
+            )
+            self._shown_dead = holder
+            return None
+        reason = (
+            f"identity held: {identity} is published by live session {holder.id}, "
+            f"which answered a liveness challenge in {waited:.3f}s"
+        )
+        self.refuse(
+            "identity-held", reason, session=session.id, holder=holder.id, identity=identity
+        )
+        self.fail(
+            f"{reason}. If that session is yours, stop it or let it end: this agent will get "
+            "the identity once the holder is gone. If it is not yours, someone else has your "
+            "token: revoke it.",
+            "identity-held",
+        )
+        return reason
+
     async def _publish(self, session: Session) -> None:
         old = self.fw.registry.publish(session)
         self.fw.metrics.update_sessions(self.fw.registry)
@@ -869,6 +950,8 @@ class _Connection(asyncssh.SSHServer):
                 return
 
     async def _finish(self, session: Session, reason: str) -> None:
+        if session.challenge is not None:
+            session.challenge.settle(False)
         was_published = self.fw.registry.remove(session)
         for port in [*self.reserved.values(), *self.busy]:
             self.fw.ports.release(port)
@@ -894,6 +977,7 @@ def _reason_code(reason: str) -> str:
     for prefix, code in (
         ("agent said bye", "bye"),
         ("replaced", "replaced"),
+        ("identity held", "identity-held"),
         ("no heartbeat", "heartbeat-timeout"),
         ("no ready", "ready-timeout"),
         ("protocol error", "protocol-error"),

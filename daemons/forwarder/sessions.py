@@ -3,15 +3,26 @@
 The registry is the forwarder's single source of truth for ``/tunnels`` and for
 publishers. Takeover is one synchronous step (no ``await`` between removing the
 old session and adding the new one), so no observer ever sees both or neither.
+
+Who may take over: identity comes from the token alone, so whoever holds a user's
+token can claim any of that user's identities. A claim therefore never replaces a
+live holder: the holder is asked to prove it is alive (`LivenessChallenge`, a
+``ping`` it must answer within a bound), and only a holder that stays silent (a
+dead job, a half-open TCP connection, a partition) is replaced. The limit that
+remains: a thief can still take an identity whose holder is really gone, or
+partitioned for longer than the bound; the replaced agent then keeps retrying and
+says so in its log and metrics, so the theft is visible, not silent.
 """
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import anyio
 from anyio import TASK_STATUS_IGNORED
 from anyio.abc import TaskStatus
 
@@ -47,6 +58,36 @@ class RefusedPeer:
 
 
 @dataclass(slots=True, eq=False)
+class LivenessChallenge:
+    """One "are you alive?" put to a published session, shared by every claimant of it.
+
+    Nothing runs it: it is a nonce, a deadline and an event. The holder's connection
+    settles it when the answer arrives (or as dead when it ends); each claimant waits on
+    it up to the same deadline, so concurrent claimants cost the holder one ``ping`` and
+    none waits longer than the bound.
+    """
+
+    nonce: str
+    deadline: float  # on anyio's clock
+    settled: anyio.Event = field(default_factory=anyio.Event)
+    alive: bool = False
+
+    def settle(self, alive: bool) -> None:
+        """The first word counts: a late answer cannot revive a holder found dead."""
+        if not self.settled.is_set():
+            self.alive = alive
+            self.settled.set()
+
+    async def wait(self) -> bool:
+        """Whether the holder answered in time; False once the deadline has passed."""
+        with anyio.move_on_after(max(0.0, self.deadline - anyio.current_time())):
+            await self.settled.wait()
+        if not self.settled.is_set():
+            self.settle(False)
+        return self.alive
+
+
+@dataclass(slots=True, eq=False)
 class Session:
     id: str
     user: str
@@ -70,8 +111,28 @@ class Session:
     refused: dict[str, RefusedPeer] = field(default_factory=dict)
     refused_total: int = 0
     # Set by the server: ``close(reason, code)`` ends the session with an error
-    # frame the agent can act on (e.g. code "replaced": don't reconnect).
+    # frame the agent can act on (e.g. code "replaced": someone else has its identity).
     close: Callable[[str, str], None] = field(default=lambda _r, _c: None, repr=False)
+    # Set by the server: ``probe(challenge)`` asks the agent to prove it is alive and
+    # settles the challenge when it does. The default asks nobody: the challenge expires.
+    probe: Callable[[LivenessChallenge], None] = field(default=lambda _c: None, repr=False)
+    challenge: LivenessChallenge | None = field(default=None, repr=False)
+
+    def challenge_liveness(self, timeout: float) -> LivenessChallenge:
+        """The challenge in flight, or a new one: claimants share one until its deadline.
+
+        An answered challenge is reused until its deadline too, so a burst of claims costs
+        the holder one ``pong`` per ``timeout`` and can't push it over its frame rate.
+        """
+        current = self.challenge
+        if current is not None and anyio.current_time() < current.deadline:
+            return current
+        current = LivenessChallenge(
+            nonce=secrets.token_urlsafe(12), deadline=anyio.current_time() + timeout
+        )
+        self.challenge = current
+        self.probe(current)
+        return current
 
     def describe(self, advertise_host: str | None = None) -> dict[str, object]:
         """The ``/tunnels`` entry: everything an operator needs, nothing secret."""
@@ -154,7 +215,8 @@ def identity_of(
 EndSession = Callable[[str, str, str], None]
 """``end_session(session_id, reason, code)``: how a publisher ends a session it learns is gone.
 
-The code reaches the agent in an ``error`` frame: ``replaced`` makes it stand down."""
+The code reaches the agent in an ``error`` frame: on ``replaced`` it backs off, retries and
+reports that someone else holds its identity."""
 
 
 class Publisher(Protocol):
@@ -255,6 +317,10 @@ class SessionRegistry:
             f"user {session.user!r} already has {len(others)} sessions "
             f"(limit {self._max_per_user}, pending ones included)"
         )
+
+    def holder(self, session: Session) -> Session | None:
+        """The published session of ``session``'s identity (maybe ``session`` itself)."""
+        return self._published.get(session.identity or (session.user, f"session:{session.id}"))
 
     def publish(self, session: Session) -> Session | None:
         """Publish ``session``; returns the session it replaced, already unpublished."""

@@ -57,6 +57,9 @@ class ForwarderSettings:
     keepalive_interval: float = c.option(c.positive_float, 15.0)
     keepalive_count_max: int = c.option(c.positive_int, 4)
     heartbeat_interval: float = c.option(c.positive_float, 10.0)
+    #: How long a published session gets to answer the liveness challenge a claimant of its
+    #: identity triggers: it keeps the identity if it answers, and is replaced if not.
+    takeover_challenge_timeout: float = c.option(c.positive_float, 5.0)
     drain_timeout: float = c.option(c.positive_float, 10.0)
     publish: str = c.option(c.choice("memory", "kubernetes"), "memory")
     # publish=kubernetes: where Tunnel objects go and which pod this is (downward API).
@@ -81,6 +84,13 @@ class ForwarderSettings:
                     raise c.ConfigError(
                         f"JOBTUNNEL_{key.upper()} ({key}) is required with publish=kubernetes"
                     )
+        if self.takeover_challenge_timeout >= self.login_timeout:
+            # The claimant's hello waits for the challenge, all within its login timeout.
+            raise c.ConfigError(
+                f"JOBTUNNEL_TAKEOVER_CHALLENGE_TIMEOUT (takeover_challenge_timeout): "
+                f"{self.takeover_challenge_timeout:g}s must be below "
+                f"JOBTUNNEL_LOGIN_TIMEOUT (login_timeout, {self.login_timeout:g}s)"
+            )
         if self.hub_api_url and not self.hub_api_url.startswith(("https://", "http://")):
             raise c.ConfigError(
                 f"JOBTUNNEL_HUB_API_URL (hub_api_url): expected an http(s):// URL, "
