@@ -802,6 +802,59 @@ async def test_restarts_converge(
         second.cancel()
 
 
+async def test_reconciler_killed_mid_reconcile_loses_no_route(
+    stack: Stack,
+    scheduler: Scheduler,
+    dask_operator: DaskOperator,  # noqa: F811
+) -> None:
+    """The leader is cancelled inside a reconcile (between the slice and the workers): the live
+    session's EndpointSlice is never touched, and the next leader finishes the job."""
+    pod = await stack.cluster("midway", "alice")
+    pod_name = str(pod.metadata.name)
+    address = f"tcp://192.168.7.34:{scheduler.port}"
+    async with (
+        stack.forwarder() as fw,
+        anyio.create_task_group() as tg,
+        stack.agent(fw, scheduler, pod, private_ip="192.168.7.34") as agent,
+    ):
+        first, first_scope = await start_reconciler(tg, stack.settings(), stack.kube)
+        await wait_for(
+            lambda: fully_routed(stack, fw, agent, "midway", pod_name), DEADLINE, "routed"
+        )
+        await wait_for(lambda: workers_point_at(stack, "midway", address, 1), DEADLINE, "env")
+        routed = await stack.world.our_slice("midway")
+        assert routed is not None
+        ports = await listener_ports(fw, agent)
+        entered = anyio.Event()
+
+        async def stall(*_args: Any) -> None:
+            entered.set()
+            await anyio.sleep_forever()
+
+        first._route_workers = stall  # type: ignore[method-assign]
+        await dask_operator.scale(stack.ns, "midway", 2)  # a reconcile that must reach workers
+        with anyio.fail_after(DEADLINE):
+            await entered.wait()
+        first_scope.cancel()
+        # Nobody leads now: the route stays exactly as it was.
+        kept = await stack.world.our_slice("midway")
+        assert kept is not None
+        assert kept["metadata"]["uid"] == routed["metadata"]["uid"]
+        assert await endpoints_are(stack, "midway", ports)
+
+        _, second_scope = await start_reconciler(tg, stack.settings(), stack.kube)
+        await wait_for(
+            lambda: workers_point_at(stack, "midway", address, 2),
+            DEADLINE,
+            "the next leader finishes the interrupted reconcile",
+        )
+        assert await fully_routed(stack, fw, agent, "midway", pod_name)
+        after = await stack.world.our_slice("midway")
+        assert after is not None
+        assert after["metadata"]["uid"] == routed["metadata"]["uid"]
+        second_scope.cancel()
+
+
 async def test_forwarder_pod_deleted(stack: Stack, scheduler: Scheduler) -> None:
     """The forwarder pod goes: the garbage collector deletes its Tunnels, their slices go."""
     pods = {name: await stack.cluster(name, "alice") for name in ("gc1", "gc2")}
