@@ -35,6 +35,7 @@ from daemons.forwarder.kube import (
     KubeConfigError,
     KubernetesPublisher,
     create_api_client,
+    iso_time,
     tunnel_name,
 )
 from daemons.forwarder.sessions import Session
@@ -703,21 +704,89 @@ async def test_takeover_across_replicas(env: Env, api: client.ApiClient) -> None
             agent_settings(fw_b, services=(("scheduler", port),)), pod_identity(identity_uid)
         ) as agent_b:
             moved = await wait_for(lambda: env.tunnel_for(agent_b.state.session_id), what="on B")
-            assert moved["metadata"]["uid"] == first["metadata"]["uid"]
+            # B refused it while A's Tunnel said "alive" (A heartbeats it), and let it in once
+            # A had declared its session dead (3 heartbeat intervals) and removed its Tunnel.
+            assert agent_b.state.identity_conflicts >= 1
+            assert moved["metadata"]["name"] == first["metadata"]["name"]
             assert moved["metadata"]["labels"][LABEL_FORWARDER_POD] == pod_b
             assert moved["spec"]["forwarder"] == {"podName": pod_b, "podIP": "10.244.2.20"}
             assert [r["uid"] for r in moved["metadata"]["ownerReferences"]] == [uid_b]
-            # A's session ends at its heartbeat deadline (or sooner, seeing the takeover);
-            # either way A must leave B's Tunnel alone.
+            # A's session ended at its heartbeat deadline and A removed its own Tunnel; from
+            # then on A must leave B's Tunnel alone.
             await wait_for(lambda: fw_a.forwarder.registry.published() == [], what="A ends")
             await wait_for(lambda: pub_a.desired_names() == {}, what="A wants nothing")
+            deletes = counter(pub_a, "jobtunnel_forwarder_tunnel_syncs_total", operation="delete")
             for _ in range(3):  # a few of A's sync passes
                 await wait_for(lambda: pub_a.ready_check() is None, what="A synced")
                 current = await env.tunnel(first["metadata"]["name"])
                 assert current is not None
                 assert current["spec"]["sessionId"] == agent_b.state.session_id
                 await anyio.sleep(0.2)  # observation window, not synchronisation
-            assert counter(pub_a, "jobtunnel_forwarder_tunnel_syncs_total", operation="delete") == 0
+            assert (
+                counter(pub_a, "jobtunnel_forwarder_tunnel_syncs_total", operation="delete")
+                == deletes
+            )
+
+
+async def test_live_holder_on_another_replica_keeps_its_identity(
+    env: Env, api: client.ApiClient
+) -> None:
+    """A stolen token used against replica B while alice's session lives on A: refused with
+    ``identity-held`` (A's Tunnel heartbeats); once A's heartbeat is stale, B may take it."""
+    pod_b = "jobtunnel-forwarder-7d9f8-ccccc"
+    await create_forwarder_pod(api, env.namespace, pod_b, "10.244.2.21")
+    pub_a = make_publisher(api, env.namespace, env.pod_name, heartbeat_interval=0.5)
+    pub_b = make_publisher(api, env.namespace, pod_b, pod_ip="10.244.2.21")
+    pub_b.holder_stale_after = 5.0
+    identity_uid = str(uuid.uuid4())
+    (env.tmp / "b").mkdir()
+    env_b = Env(env.tmp / "b", api, env.namespace, pod_b, "")
+    write_token_file(env_b.tmp / "tokens", TOKENS)
+    async with (
+        echo_server(b"A:") as port,
+        env.forwarder(pub_a) as fw_a,
+        env_b.forwarder(pub_b, advertise_host="10.244.2.21") as fw_b,
+        running_agent(
+            agent_settings(fw_a, services=(("scheduler", port),)), pod_identity(identity_uid)
+        ) as victim,
+    ):
+        held = await wait_for(lambda: env.tunnel_for(victim.state.session_id), what="on A")
+        async with running_agent(
+            agent_settings(fw_b, services=(("scheduler", port),)),
+            pod_identity(identity_uid),
+            published=False,
+        ) as thief:
+            await wait_for(lambda: thief.state.identity_conflicts >= 2, what="refused twice")
+            assert not thief.state.published
+            assert fw_b.forwarder.registry.published() == []
+            current = await env.tunnel(held["metadata"]["name"])
+            assert current is not None
+            assert current["spec"]["sessionId"] == victim.state.session_id
+            assert victim.state.published
+
+        # A replica that stopped heartbeating (its node gone, say) holds nothing: its
+        # Tunnel's heartbeat is made a minute old and A's next patch held back.
+        pub_a.heartbeat_interval = 3600.0
+        name = held["metadata"]["name"]
+        await env.custom.patch_namespaced_custom_object_status(
+            GROUP,
+            VERSION,
+            env.namespace,
+            PLURAL,
+            name,
+            {"status": {"lastHeartbeat": iso_time(time.time() - 60)}},
+            _content_type="application/merge-patch+json",
+        )
+        claim = fake_session("alice", ("alice", f"pod:{identity_uid}"))
+        assert await pub_b.held_elsewhere(claim) is None
+        async with running_agent(
+            agent_settings(fw_b, services=(("scheduler", port),)), pod_identity(identity_uid)
+        ) as successor:
+            moved = await wait_for(
+                lambda: env.tunnel_for(successor.state.session_id), what="taken over on B"
+            )
+            assert moved["metadata"]["uid"] == held["metadata"]["uid"]
+            assert moved["spec"]["forwarder"]["podName"] == pod_b
 
 
 # -- RBAC ----------------------------------------------------------------------------------------

@@ -215,6 +215,7 @@ class KubernetesPublisher:
         backoff_initial: float = 0.2,
         backoff_max: float = 10.0,
         watch_timeout: int = 240,
+        holder_stale_after: float | None = None,
     ) -> None:
         self.namespace = namespace
         self.pod_name = pod_name
@@ -226,6 +227,11 @@ class KubernetesPublisher:
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
         self._watch_timeout = watch_timeout
+        # Another replica's Tunnel counts as held while its heartbeat is younger than this:
+        # a live session's is at most one throttle interval plus an agent heartbeat old.
+        self.holder_stale_after = (
+            holder_stale_after if holder_stale_after is not None else 2.5 * heartbeat_interval
+        )
         # The generated API's stubs lack `_content_type` and take only model bodies: use Any.
         self._core: Any = k8s.CoreV1Api(api)
         self._custom: Any = k8s.CustomObjectsApi(api)
@@ -234,6 +240,7 @@ class KubernetesPublisher:
         self._desired: dict[str, _Desired] = {}
         self._observed: dict[str, dict[str, Any]] = {}
         self._allow_lists: dict[str, tuple[str | None, AllowList]] = {}
+        self._held_check_error: str | None = None
         self._status_sent: dict[str, _StatusSent] = {}
         self._checking: set[str] = set()
         self._errors: dict[str, str] = {}
@@ -290,6 +297,45 @@ class KubernetesPublisher:
         sent = self._status_sent.get(tunnel_name(session))
         if sent is None or time.monotonic() - sent.at >= self.heartbeat_interval:
             self._wake.set()
+
+    async def held_elsewhere(self, session: Session) -> str | None:
+        """The identity's Tunnel held by another replica with a fresh heartbeat.
+
+        Our own Tunnels are the registry's business (the liveness challenge); this covers the
+        claimant that reached another replica than the holder. A Tunnel whose replica stopped
+        heartbeating (a dead pod not yet collected) does not hold anything.
+        """
+        name = tunnel_name(session)
+        try:
+            with anyio.fail_after(self._request_timeout):
+                obj = await self._get(name)
+        except Exception as exc:
+            # Counted and logged, not a readiness failure: the claim goes ahead (fail open).
+            self.metrics.errors.labels(operation="held-elsewhere").inc()
+            message = _describe_error(exc)
+            if message != self._held_check_error:
+                log.warning("takeover check failed: letting the claim go on", error=message)
+            self._held_check_error = message
+            return None
+        self._held_check_error = None
+        if obj is None:
+            return None
+        spec = obj.get("spec") or {}
+        holder = (spec.get("forwarder") or {}).get("podName")
+        if holder == self.pod_name or spec.get("user") != session.user:
+            return None
+        status = obj.get("status") or {}
+        beat = status.get("lastHeartbeat") or (obj.get("metadata") or {}).get("creationTimestamp")
+        try:
+            age = time.time() - datetime.fromisoformat(str(beat)).timestamp()
+        except ValueError:
+            return None
+        if age > self.holder_stale_after:
+            return None
+        return (
+            f"session {spec.get('sessionId')} on forwarder pod {holder} "
+            f"(Tunnel {name}, heartbeat {max(age, 0.0):.0f}s ago)"
+        )
 
     def admits_source(self, session: Session, host: str) -> bool:
         """The allow-list the reconciler wrote in the Tunnel's status (none yet: deny)."""

@@ -884,7 +884,11 @@ class _Connection(asyncssh.SSHServer):
         Returns a reason to end ``session`` (it was refused), or None to go on.
         """
         holder = self.fw.registry.holder(session)
-        if session.identity is None or holder is None or holder in (session, self._shown_dead):
+        if session.identity is None:
+            return None
+        if holder is None:
+            return await self._claim_elsewhere(session)
+        if holder in (session, self._shown_dead):
             return None
         started = anyio.current_time()
         challenge = holder.challenge_liveness(self.fw.settings.takeover_challenge_timeout)
@@ -911,9 +915,21 @@ class _Connection(asyncssh.SSHServer):
             f"identity held: {identity} is published by live session {holder.id}, "
             f"which answered a liveness challenge in {waited:.3f}s"
         )
-        self.refuse(
-            "identity-held", reason, session=session.id, holder=holder.id, identity=identity
-        )
+        return self._refuse_claim(session, reason, holder=holder.id)
+
+    async def _claim_elsewhere(self, session: Session) -> str | None:
+        """Another replica's live session holds the identity: the same refusal as here."""
+        assert session.identity is not None
+        elsewhere = await self.fw.publisher.held_elsewhere(session)
+        if elsewhere is None or self.closed:
+            return None
+        reason = f"identity held: {':'.join(session.identity)} is published by live {elsewhere}"
+        return self._refuse_claim(session, reason)
+
+    def _refuse_claim(self, session: Session, reason: str, **extra: Any) -> str:
+        assert session.identity is not None
+        identity = ":".join(session.identity)
+        self.refuse("identity-held", reason, session=session.id, identity=identity, **extra)
         self.fail(
             f"{reason}. If that session is yours, stop it or let it end: this agent will get "
             "the identity once the holder is gone. If it is not yours, someone else has your "

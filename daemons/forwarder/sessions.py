@@ -240,6 +240,11 @@ class Publisher(Protocol):
 
     def ready_check(self) -> str | None: ...
 
+    async def held_elsewhere(self, session: Session) -> str | None:
+        """Who else (another forwarder replica) publishes ``session``'s identity and is alive,
+        or None; a publisher that cannot tell says None (an outage must not lock agents out)."""
+        ...
+
     def admits_source(self, session: Session, host: str) -> bool:
         """Whether the cluster allows ``host`` to reach ``session``'s services (beyond the
         forwarder's own ``allowed_sources``); False until the publisher knows."""
@@ -269,6 +274,9 @@ class MemoryPublisher:
 
     def ready_check(self) -> str | None:
         return None
+
+    async def held_elsewhere(self, session: Session) -> str | None:
+        return None  # one forwarder: the registry knows every holder
 
     def admits_source(self, session: Session, host: str) -> bool:
         return False  # standalone: the forwarder's allowed_sources are the whole list
