@@ -244,6 +244,7 @@ class Stack:
         user: str = "alice",
         uid: str | None = None,
         private_ip: str = "192.168.7.21",
+        published: bool = True,
         **overrides: Any,
     ) -> AsyncIterator[AgentSession]:
         """A real agent (real SSH) claiming ``pod`` (``uid``: a different claimed UID)."""
@@ -261,7 +262,7 @@ class Stack:
                 namespace=self.ns, name=pod.metadata.name, uid=uid or str(pod.metadata.uid)
             ),
         )
-        async with running_agent(settings, identity) as session:
+        async with running_agent(settings, identity, published=published) as session:
             yield session
 
     # -- the Dask operator's side ------------------------------------------------------------
@@ -1133,3 +1134,42 @@ async def test_only_the_owners_pods_and_the_operator_reach_the_scheduler(
         messages = await refusal_events()
         assert sum(bobs in m for m in messages) == 1
         assert sum(notebook in m for m in messages) == 1
+
+
+async def test_a_stolen_token_cannot_take_a_live_tunnel_and_the_owner_is_told(
+    stack: Stack, scheduler: Scheduler
+) -> None:
+    """Alice's job is live; someone with her token claims its pod from elsewhere: refused
+    (``identity-held``), the route untouched, and an Event on alice's DaskCluster says so."""
+    pod = await stack.cluster("held", "alice")
+    pod_name = str(pod.metadata.name)
+    async with (
+        stack.forwarder() as fw,
+        stack.reconciler(),
+        stack.agent(fw, scheduler, pod) as victim,
+    ):
+        await wait_for(lambda: fully_routed(stack, fw, victim, "held", pod_name), DEADLINE, "up")
+        routed = await stack.world.our_slice("held")
+        assert routed is not None
+        async with stack.agent(fw, scheduler, pod, published=False) as thief:
+            await wait_for(
+                lambda: _has_reason(stack, "DaskCluster", "held", "IdentityClaimRefused"),
+                DEADLINE,
+                "an IdentityClaimRefused Event on alice's DaskCluster",
+            )
+            assert thief.state.identity_conflicts >= 1
+            assert not thief.state.published
+        (event,) = [
+            e
+            for e in await stack.world.events_for("DaskCluster", "held")
+            if e["reason"] == "IdentityClaimRefused"
+        ]
+        assert "revoke" in event["message"]
+        assert event["type"] == "Warning"
+        tunnel = await stack.tunnel_of(victim)
+        assert tunnel is not None
+        assert [c["address"] for c in tunnel["status"]["refusedClaims"]] == ["127.0.0.1"]
+        assert await fully_routed(stack, fw, victim, "held", pod_name)
+        kept = await stack.world.our_slice("held")
+        assert kept is not None
+        assert kept["metadata"]["uid"] == routed["metadata"]["uid"]

@@ -90,11 +90,15 @@ def test_refusals_reported_once_per_peer_and_session() -> None:
         "status": {
             "observedSessionId": "s1",
             "refusedSources": [{"address": "10.0.0.8", "count": 3}, {"address": "10.0.0.9"}],
+            "refusedClaims": [{"address": "192.0.2.7"}],
             "reportedRefusals": ["10.0.0.8"],
         },
     }
-    assert [e["address"] for e in sources.unreported(tunnel)] == ["10.0.0.9"]
-    assert sources.refused_addresses(tunnel) == ("10.0.0.8", "10.0.0.9")
+    assert [key for key, _ in sources.unreported(tunnel)] == ["10.0.0.9", "claim:192.0.2.7"]
+    assert sources.refused_addresses(tunnel) == ("10.0.0.8", "10.0.0.9", "claim:192.0.2.7")
+    # A new session (the same Tunnel, taken over): its own record, nothing told yet.
+    tunnel["spec"] = {"sessionId": "s2"}
+    assert len(sources.unreported(tunnel)) == 3
 
 
 # --- against the real forwarder ---------------------------------------------------------------

@@ -142,13 +142,26 @@ def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any
 # Desired state
 
 
+def _refusals(session: Session) -> dict[str, list[dict[str, object]]]:
+    """What the owner should hear about (a new session starts with none)."""
+    return {
+        "refusedSources": session.refused_sources(),
+        "refusedClaims": session.refused_claimants(),
+    }
+
+
+def _counts(refusals: Mapping[str, list[dict[str, object]]]) -> tuple[int, ...]:
+    return tuple(len(refusals.get(key) or []) for key in ("refusedSources", "refusedClaims"))
+
+
 @dataclass(slots=True)
 class _Desired:
     session_id: str
     labels: dict[str, str]
     spec: dict[str, Any]
     heartbeat: float
-    refused: list[dict[str, object]] = field(default_factory=list)
+    # status.refusedSources / refusedClaims, as the session last reported them.
+    refusals: dict[str, list[dict[str, object]]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -156,7 +169,7 @@ class _StatusSent:
     session_id: str
     heartbeat: float
     at: float  # monotonic
-    refused: int = 0  # how many distinct refused peers that patch carried
+    refused: tuple[int, ...] = ()  # how many distinct refused peers that patch carried
 
 
 class TunnelMetrics:
@@ -278,6 +291,7 @@ class KubernetesPublisher:
             labels=self._labels(session),
             spec=self._spec(session),
             heartbeat=session.last_heartbeat or time.time(),
+            refusals=_refusals(session),
         )
         self._wake.set()
 
@@ -344,11 +358,11 @@ class KubernetesPublisher:
             return False
         return self._allow_list(obj).admits(host)
 
-    def source_refused(self, session: Session) -> None:
+    def refusals_changed(self, session: Session) -> None:
         desired = self._desired.get(tunnel_name(session))
         if desired is None or desired.session_id != session.id:
             return
-        desired.refused = session.refused_sources()
+        desired.refusals = _refusals(session)
         self._wake.set()
 
     def _allow_list(self, obj: Mapping[str, Any]) -> AllowList:
@@ -729,7 +743,7 @@ class KubernetesPublisher:
         sent = self._status_sent.get(name)
         if sent is None or sent.session_id != desired.session_id:
             return 0.0
-        if len(desired.refused) != sent.refused:
+        if _counts(desired.refusals) != sent.refused:
             return 0.0  # a new refused peer: its owner hears of it now, not at the next beat
         if desired.heartbeat <= sent.heartbeat:
             return math.inf
@@ -859,7 +873,7 @@ class KubernetesPublisher:
 
     async def _patch_status(self, name: str, desired: _Desired) -> None:
         heartbeat = desired.heartbeat
-        refused = list(desired.refused)
+        refusals = dict(desired.refusals)
         try:
             obj = await self._custom.patch_namespaced_custom_object_status(
                 GROUP,
@@ -867,7 +881,7 @@ class KubernetesPublisher:
                 self.namespace,
                 PLURAL,
                 name,
-                {"status": {"lastHeartbeat": iso_time(heartbeat), "refusedSources": refused}},
+                {"status": {"lastHeartbeat": iso_time(heartbeat), **refusals}},
                 _content_type=MERGE_PATCH,
                 _request_timeout=self._request_timeout,
             )
@@ -879,6 +893,6 @@ class KubernetesPublisher:
             raise
         self._observe(obj)
         self._status_sent[name] = _StatusSent(
-            desired.session_id, heartbeat, time.monotonic(), len(refused)
+            desired.session_id, heartbeat, time.monotonic(), _counts(refusals)
         )
         self.metrics.syncs.labels(operation="status").inc()

@@ -217,7 +217,7 @@ class Forwarder:
             return True
         self.metrics.refusals.labels(kind="source").inc()
         if session.refuse_source(host, self.settings.max_refused_sources):
-            self.publisher.source_refused(session)
+            self.publisher.refusals_changed(session)
         if self.log_summary.should_log((source_group(host), "source")):
             log.warning(
                 "refused",
@@ -915,6 +915,8 @@ class _Connection(asyncssh.SSHServer):
             f"identity held: {identity} is published by live session {holder.id}, "
             f"which answered a liveness challenge in {waited:.3f}s"
         )
+        if holder.refuse_claim(self.peer_host, self.fw.settings.max_refused_sources):
+            self.fw.publisher.refusals_changed(holder)
         return self._refuse_claim(session, reason, holder=holder.id)
 
     async def _claim_elsewhere(self, session: Session) -> str | None:

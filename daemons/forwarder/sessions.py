@@ -107,8 +107,10 @@ class Session:
     last_heartbeat: float | None = None
     counters: AgentCounters = field(default_factory=AgentCounters)
     published: bool = False
-    # Peers refused by the source allow-list: bounded by the caller, the rest only counted.
+    # Peers refused by the source allow-list, and claimants refused this session's identity
+    # while it was alive: bounded by the caller, the rest only counted.
     refused: dict[str, RefusedPeer] = field(default_factory=dict)
+    refused_claims: dict[str, RefusedPeer] = field(default_factory=dict)
     refused_total: int = 0
     # Set by the server: ``close(reason, code)`` ends the session with an error
     # frame the agent can act on (e.g. code "replaced": someone else has its identity).
@@ -154,24 +156,36 @@ class Session:
             },
             "services_up": dict(self.services_up),
             "refused_sources": self.refused_sources(),
+            "refused_claims": self.refused_claimants(),
         }
 
     def refuse_source(self, address: str, limit: int, now: float | None = None) -> bool:
         """Record a refused peer; True when it is one not seen before (worth reporting)."""
-        now = time.time() if now is None else now
         self.refused_total += 1
-        known = self.refused.get(address)
-        if known is not None:
-            known.count += 1
-            known.last = now
-            return False
-        if len(self.refused) >= limit:
-            return False
-        self.refused[address] = RefusedPeer(address, 1, now, now)
-        return True
+        return _record(self.refused, address, limit, now)
+
+    def refuse_claim(self, address: str, limit: int, now: float | None = None) -> bool:
+        """Record a claimant refused this identity; True when its address is new."""
+        return _record(self.refused_claims, address, limit, now)
 
     def refused_sources(self) -> list[dict[str, object]]:
         return [peer.describe() for _, peer in sorted(self.refused.items())]
+
+    def refused_claimants(self) -> list[dict[str, object]]:
+        return [peer.describe() for _, peer in sorted(self.refused_claims.items())]
+
+
+def _record(table: dict[str, RefusedPeer], address: str, limit: int, now: float | None) -> bool:
+    now = time.time() if now is None else now
+    known = table.get(address)
+    if known is not None:
+        known.count += 1
+        known.last = now
+        return False
+    if len(table) >= limit:
+        return False
+    table[address] = RefusedPeer(address, 1, now, now)
+    return True
 
 
 def _address(host: str, port: int) -> str:
@@ -250,8 +264,8 @@ class Publisher(Protocol):
         forwarder's own ``allowed_sources``); False until the publisher knows."""
         ...
 
-    def source_refused(self, session: Session) -> None:
-        """``session`` refused a peer not seen before: make it visible to its owner."""
+    def refusals_changed(self, session: Session) -> None:
+        """``session`` refused a peer (or a claimant) not seen before: tell its owner."""
         ...
 
 
@@ -281,8 +295,8 @@ class MemoryPublisher:
     def admits_source(self, session: Session, host: str) -> bool:
         return False  # standalone: the forwarder's allowed_sources are the whole list
 
-    def source_refused(self, session: Session) -> None:
-        return None  # /tunnels shows the session's refused_sources
+    def refusals_changed(self, session: Session) -> None:
+        return None  # /tunnels shows the session's refused_sources and refused_claims
 
 
 class SessionLimit(Exception):

@@ -97,6 +97,30 @@ def default_identity() -> str:
     return f"{host}-{secrets.token_hex(4)}"
 
 
+def _refusal_note(tunnel: Obj, key: str, entry: Obj) -> tuple[str, str, bool]:
+    """The DaskCluster Event (reason, message, warning) for one refusal the forwarder reported."""
+    spec = tunnel.get("spec") or {}
+    name = (tunnel.get("metadata") or {}).get("name")
+    count = entry.get("count", 1)
+    if key.startswith(sources.CLAIM_PREFIX):
+        return (
+            "IdentityClaimRefused",
+            f"a session from {entry.get('address')} presented user {spec.get('user')}'s token "
+            f"and claimed tunnel {name} while it was alive; refused ({count} time(s) so far). "
+            "A duplicate of the job, or someone else has the token: if it is not yours, "
+            "revoke the token",
+            True,
+        )
+    return (
+        "SourceRefused",
+        f"{entry.get('address')} tried to reach user {spec.get('user')}'s tunnel {name} and "
+        f"was refused ({count} connection(s) so far): it is none of the user's pods, the Dask "
+        "operator's, or an extra allowed CIDR. If it is your client, check that kube-proxy "
+        "preserves pod source addresses (docs/architecture.md)",
+        True,
+    )
+
+
 @dataclass
 class Outcome:
     """What one reconcile did, for the status and the Events."""
@@ -1233,12 +1257,8 @@ class Reconciler:
             )
         session_id = (tunnel.get("spec") or {}).get("sessionId")
         refused = sources.unreported(tunnel)
-        # A new session starts a new record (the forwarder's refusedSources restart with it).
-        before = status.get("reportedRefusals") or []
-        if status.get("observedSessionId") != session_id:
-            before = []
-        reported = sorted(set(before) | {str(e.get("address")) for e in refused})
-        reported = reported[: sources.MAX_REPORTED]
+        reported = sorted(sources.reported(tunnel) | {key for key, _ in refused})
+        reported = reported[: 2 * sources.MAX_REPORTED]
         new_status = {
             "conditions": conditions,
             "cluster": outcome.cluster,
@@ -1264,19 +1284,9 @@ class Reconciler:
                 if exc.status != 404:
                     raise
                 return
-        for entry in refused:
-            outcome.notes.append(("SourceRefused", self._refusal_message(tunnel, entry), True))
+        for key, entry in refused:
+            outcome.notes.append(_refusal_note(tunnel, key, entry))
         await self._emit_transitions(tunnel, outcome, transitions, verdict)
-
-    def _refusal_message(self, tunnel: Obj, entry: Obj) -> str:
-        spec = tunnel.get("spec") or {}
-        return (
-            f"{entry.get('address')} tried to reach user {spec.get('user')}'s tunnel "
-            f"{(tunnel.get('metadata') or {}).get('name')} and was refused "
-            f"({entry.get('count', 1)} connection(s) so far): it is none of the user's pods, "
-            "the Dask operator's, or an extra allowed CIDR. If it is your client, check that "
-            "kube-proxy preserves pod source addresses (docs/architecture.md)"
-        )
 
     async def _emit_transitions(
         self,

@@ -90,23 +90,40 @@ def allowed_sources(
     return sorted(found)
 
 
+#: Refused claimants' keys in ``reportedRefusals`` (refused sources are the bare address).
+CLAIM_PREFIX = "claim:"
+#: What the forwarder reports: status field -> key prefix.
+REFUSAL_FIELDS = (("refusedSources", ""), ("refusedClaims", CLAIM_PREFIX))
+
+
+def _refusals(tunnel: Obj) -> list[tuple[str, dict[str, Any]]]:
+    status = tunnel.get("status") or {}
+    found = []
+    for name, prefix in REFUSAL_FIELDS:
+        for entry in (status.get(name) or [])[:MAX_REPORTED]:
+            if isinstance(entry, dict):
+                found.append((prefix + str(entry.get("address")), entry))
+    return found
+
+
 def refused_addresses(tunnel: Obj) -> tuple[str, ...]:
     """What the forwarder says it refused, as a comparable tuple (it triggers a reconcile)."""
-    entries = (tunnel.get("status") or {}).get("refusedSources") or []
-    return tuple(
-        sorted(str(e.get("address")) for e in entries[:MAX_REPORTED] if isinstance(e, dict))
-    )
+    return tuple(sorted(key for key, _ in _refusals(tunnel)))
 
 
-def unreported(tunnel: Obj) -> list[dict[str, Any]]:
-    """Refused peers the forwarder reported that no Event has told the owner about yet."""
+def reported(tunnel: Obj) -> set[str]:
+    """Refusals already told (this session's: a new session starts a new record)."""
     status = tunnel.get("status") or {}
-    done = set(status.get("reportedRefusals") or [])
-    out = []
-    for entry in (status.get("refusedSources") or [])[:MAX_REPORTED]:
-        if isinstance(entry, dict) and str(entry.get("address")) not in done:
-            out.append(entry)
-    return out
+    if status.get("observedSessionId") != (tunnel.get("spec") or {}).get("sessionId"):
+        return set()
+    return {str(key) for key in status.get("reportedRefusals") or []}
+
+
+def unreported(tunnel: Obj) -> list[tuple[str, dict[str, Any]]]:
+    """Refusals the forwarder reported that no Event has told the owner about yet:
+    (key, entry), the key an address, or ``claim:`` and the claimant's address."""
+    done = reported(tunnel)
+    return [(key, entry) for key, entry in _refusals(tunnel) if key not in done]
 
 
 class OwnerIndex:
