@@ -536,8 +536,27 @@ print("CLOSED", flush=True)
 """
 
 
+@pytest.fixture(params=["hub-namespace", "per-user-namespace"])
+async def layout_stack(
+    request: pytest.FixtureRequest, routed_operator: RoutedOperator, tmp_path: Path
+) -> AsyncIterator[Stack]:
+    """Both layouts KubeSpawner offers: users in the hub's namespace (told apart by label), or
+    each in ``<prefix>-{user}`` (``jupyter-alice``); the forwarder in its own either way."""
+    operator = routed_operator.operator
+    ip = f"10.246.{random.randrange(0, 250)}.{random.randrange(2, 250)}"
+    async with make_stack(
+        operator.kube,
+        operator,
+        tmp_path,
+        "kc",
+        ip,
+        per_user_namespace=request.param == "per-user-namespace",
+    ) as made:
+        yield made
+
+
 async def test_kubecluster_from_the_user_helper_computes_through_the_tunnel(
-    stack: Stack,
+    layout_stack: Stack,
     routed_operator: RoutedOperator,
 ) -> None:
     """``OffloadedKubeCluster(...)`` as a notebook runs it: it creates the DaskCluster, waits as
@@ -545,6 +564,7 @@ async def test_kubecluster_from_the_user_helper_computes_through_the_tunnel(
     dials ``tcp://<cluster>-scheduler.<ns>:8786`` (DNS, the fake kube-proxy, the reconciler's
     EndpointSlice, the forwarder, SSH, the agent, a real ``dask scheduler``) and computes on a
     real worker; the operator's Service is never modified."""
+    stack = layout_stack
     operator = routed_operator.operator
     cluster = "kc"
     service = f"{cluster}-scheduler"

@@ -24,6 +24,7 @@ replaced by ``[Ready]`` on every loop), as InterLink's virtual kubelet does.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import re
@@ -192,6 +193,8 @@ class Stack:
     #: The forwarder's namespace (its pod, its Tunnels, the reconciler's Lease).
     fwd_ns: str
     vk: FakeVirtualKubelet
+    #: Reconciler settings of this layout (e.g. the ``<prefix>-{user}`` namespace rule).
+    rules: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def world(self) -> World:
@@ -232,7 +235,7 @@ class Stack:
                 scope.cancel()
 
     def settings(self) -> Any:
-        return settings_for(self.fwd_ns, self.ns, virtual_node=VIRTUAL_NODE)
+        return settings_for(self.fwd_ns, self.ns, virtual_node=VIRTUAL_NODE, **self.rules)
 
     @contextlib.asynccontextmanager
     async def agent(
@@ -360,13 +363,27 @@ async def stack(
 
 @contextlib.asynccontextmanager
 async def make_stack(
-    kube: KubeAPIServer, operator: DaskOperator, tmp_path: Path, prefix: str, ip: str
+    kube: KubeAPIServer,
+    operator: DaskOperator,
+    tmp_path: Path,
+    prefix: str,
+    ip: str,
+    *,
+    per_user_namespace: bool = False,
 ) -> AsyncIterator[Stack]:
     """Two fresh namespaces (users', forwarder's), the forwarder pod object, the fake virtual
-    kubelet on the users' namespace; everything deleted afterwards."""
+    kubelet on the users' namespace; everything deleted afterwards.
+
+    The users' namespace is the hub's (users told apart by label), or with
+    ``per_user_namespace`` alice's own ``<base>-alice`` under the rule ``<base>-{user}``
+    (KubeSpawner's ``jupyter-{user}`` layout)."""
     write_token_file(tmp_path / "tokens", TOKENS)
     base = f"{prefix}-{uuid.uuid4().hex[:8]}"
     ns, fwd_ns = f"{base}-hub", f"{base}-jobtunnel"
+    rules: dict[str, Any] = {}
+    if per_user_namespace:
+        ns = f"{base}-alice"
+        rules = {"user_namespace": f"{base}-{{user}}", "user_label": ""}
     async with await admin_client(kube) as api:
         core = client.CoreV1Api(api)
         for name in (ns, fwd_ns):
@@ -374,7 +391,7 @@ async def make_stack(
         try:
             uid = await create_forwarder_pod(core, fwd_ns, ip)
             async with running_virtual_kubelet(api, [ns], VIRTUAL_NODE, interval=2.0) as vk:
-                yield Stack(kube, operator, api, ns, tmp_path, ip, uid, fwd_ns, vk)
+                yield Stack(kube, operator, api, ns, tmp_path, ip, uid, fwd_ns, vk, rules)
         finally:
             with anyio.CancelScope(shield=True):
                 await _clean_namespace(api, operator, ns)
@@ -1050,7 +1067,9 @@ async def test_only_the_owners_pods_and_the_operator_reach_the_scheduler(
         async def lists_alice() -> bool:
             return f"{notebook}/32" in await allowed()
 
+        since = anyio.current_time()
         await wait_for(lists_alice, DEADLINE, "the allow-list in the Tunnel")
+        print(f"\nallow-list in the Tunnel {anyio.current_time() - since:.3f} s after publish")
         got = set(await allowed())
         assert {f"{notebook}/32", f"{operator}/32"} <= got
         assert f"{bobs}/32" not in got
