@@ -165,7 +165,8 @@ def install_crds(kube: KubeAPIServer, *, timeout: float = READY_TIMEOUT) -> list
         for name in names:
             status, body = kube.request("GET", f"{base}/{name}")
             conditions = (
-                (body or {}).get("status", {}).get("conditions", []) if status == 200 else []
+                # A CRD just created may carry "conditions": null until it is processed.
+                ((body or {}).get("status") or {}).get("conditions") or [] if status == 200 else []
             )
             if not any(c["type"] == "Established" and c["status"] == "True" for c in conditions):
                 return False

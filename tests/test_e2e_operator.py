@@ -235,7 +235,8 @@ class Stack:
                 scope.cancel()
 
     def settings(self) -> Any:
-        return settings_for(self.fwd_ns, self.ns, virtual_node=VIRTUAL_NODE, **self.rules)
+        rules = {"user_namespace": self.ns, **self.rules}
+        return settings_for(self.fwd_ns, virtual_node=VIRTUAL_NODE, **rules)
 
     @contextlib.asynccontextmanager
     async def agent(
