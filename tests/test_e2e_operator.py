@@ -768,25 +768,48 @@ async def test_forged_claims_are_never_routed(
         assert all(values == {None} for k, values in envs.items() if "WorkerGroup" in k)
 
 
+@dataclass
+class RoutedSession:
+    fw: RunningForwarder
+    tg: anyio.abc.TaskGroup
+    agent: AgentSession
+    pod_name: str
+    address: str
+    reconciler: Reconciler
+    scope: anyio.CancelScope
+
+
+@contextlib.asynccontextmanager
+async def routed_with_own_reconciler(
+    stack: Stack, scheduler: Scheduler, cluster: str, private_ip: str
+) -> AsyncIterator[RoutedSession]:
+    """Alice's cluster routed to a live session, by a reconciler the test may stop and start
+    (its own scope, in the yielded task group); workers pointed at the private IP."""
+    pod = await stack.cluster(cluster, "alice")
+    pod_name = str(pod.metadata.name)
+    address = f"tcp://{private_ip}:{scheduler.port}"
+    async with (
+        stack.forwarder() as fw,
+        anyio.create_task_group() as tg,
+        stack.agent(fw, scheduler, pod, private_ip=private_ip) as agent,
+    ):
+        reconciler, scope = await start_reconciler(tg, stack.settings(), stack.kube)
+        await wait_for(
+            lambda: fully_routed(stack, fw, agent, cluster, pod_name), DEADLINE, "routed"
+        )
+        await wait_for(lambda: workers_point_at(stack, cluster, address, 1), DEADLINE, "env")
+        yield RoutedSession(fw, tg, agent, pod_name, address, reconciler, scope)
+
+
 async def test_restarts_converge(
     stack: Stack,
     scheduler: Scheduler,
     dask_operator: DaskOperator,  # noqa: F811
 ) -> None:
     """Reconciler restarted mid-way, apiserver restarted mid-way: the same routed state."""
-    pod = await stack.cluster("resilient", "alice")
-    pod_name = str(pod.metadata.name)
-    address = f"tcp://192.168.7.33:{scheduler.port}"
-    async with (
-        stack.forwarder() as fw,
-        anyio.create_task_group() as tg,
-        stack.agent(fw, scheduler, pod, private_ip="192.168.7.33") as agent,
-    ):
-        _, first = await start_reconciler(tg, stack.settings(), stack.kube)
-        await wait_for(
-            lambda: fully_routed(stack, fw, agent, "resilient", pod_name), DEADLINE, "routed"
-        )
-        await wait_for(lambda: workers_point_at(stack, "resilient", address, 1), DEADLINE, "env")
+    async with routed_with_own_reconciler(stack, scheduler, "resilient", "192.168.7.33") as r:
+        fw, tg, agent, pod_name, address = r.fw, r.tg, r.agent, r.pod_name, r.address
+        first = r.scope
         routed_service = (await stack.world.service("resilient"))["spec"]
 
         # The reconciler stops; meanwhile the virtual kubelet wipes ContainersReady and the
@@ -828,19 +851,9 @@ async def test_reconciler_killed_mid_reconcile_loses_no_route(
 ) -> None:
     """The leader is cancelled inside a reconcile (between the slice and the workers): the live
     session's EndpointSlice is never touched, and the next leader finishes the job."""
-    pod = await stack.cluster("midway", "alice")
-    pod_name = str(pod.metadata.name)
-    address = f"tcp://192.168.7.34:{scheduler.port}"
-    async with (
-        stack.forwarder() as fw,
-        anyio.create_task_group() as tg,
-        stack.agent(fw, scheduler, pod, private_ip="192.168.7.34") as agent,
-    ):
-        first, first_scope = await start_reconciler(tg, stack.settings(), stack.kube)
-        await wait_for(
-            lambda: fully_routed(stack, fw, agent, "midway", pod_name), DEADLINE, "routed"
-        )
-        await wait_for(lambda: workers_point_at(stack, "midway", address, 1), DEADLINE, "env")
+    async with routed_with_own_reconciler(stack, scheduler, "midway", "192.168.7.34") as r:
+        fw, tg, agent, pod_name, address = r.fw, r.tg, r.agent, r.pod_name, r.address
+        first, first_scope = r.reconciler, r.scope
         routed = await stack.world.our_slice("midway")
         assert routed is not None
         ports = await listener_ports(fw, agent)

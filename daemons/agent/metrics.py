@@ -7,7 +7,7 @@ have to be handed: the session stays free of metrics, and what ``/metrics`` says
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.core import CounterMetricFamily, Metric
@@ -35,35 +35,31 @@ class _IdentityConflicts(Collector):
 
 
 def register(registry: CollectorRegistry, session: AgentSession) -> None:
-    connected = Gauge(
-        "jobtunnel_agent_connected",
-        "1 while the session is published at the forwarder",
-        registry=registry,
-    )
-    connected.set_function(lambda: 1.0 if session.state.published else 0.0)
-    connects = Gauge(
-        "jobtunnel_agent_connects",
-        "SSH connections made so far",
-        registry=registry,
-    )
-    connects.set_function(lambda: float(session.state.connects))
-    rtt = Gauge(
-        "jobtunnel_agent_heartbeat_rtt_seconds",
-        "Last heartbeat round trip to the forwarder",
-        registry=registry,
-    )
-    rtt.set_function(lambda: session.state.last_rtt or 0.0)
-    forwarded = Gauge(
-        "jobtunnel_agent_forwarded_connections",
-        "Connections forwarded to the local services",
-        registry=registry,
-    )
-    forwarded.set_function(lambda: float(session.state.connections_forwarded))
-    conflict = Gauge(
-        "jobtunnel_agent_identity_conflict",
-        "1 while another session holds this agent's identity at the forwarder "
-        "(the agent backs off and retries)",
-        registry=registry,
-    )
-    conflict.set_function(lambda: 1.0 if session.state.identity_conflict else 0.0)
+    state = session.state
+    gauges: list[tuple[str, str, Callable[[], float]]] = [
+        (
+            "jobtunnel_agent_connected",
+            "1 while the session is published at the forwarder",
+            lambda: 1.0 if state.published else 0.0,
+        ),
+        ("jobtunnel_agent_connects", "SSH connections made so far", lambda: float(state.connects)),
+        (
+            "jobtunnel_agent_heartbeat_rtt_seconds",
+            "Last heartbeat round trip to the forwarder",
+            lambda: state.last_rtt or 0.0,
+        ),
+        (
+            "jobtunnel_agent_forwarded_connections",
+            "Connections forwarded to the local services",
+            lambda: float(state.connections_forwarded),
+        ),
+        (
+            "jobtunnel_agent_identity_conflict",
+            "1 while another session holds this agent's identity at the forwarder "
+            "(the agent backs off and retries)",
+            lambda: 1.0 if state.identity_conflict else 0.0,
+        ),
+    ]
+    for name, documentation, value in gauges:
+        Gauge(name, documentation, registry=registry).set_function(value)
     registry.register(_IdentityConflicts(session))
