@@ -4,8 +4,10 @@ The operator (PyPI ``dask-kubernetes``, kopf-based) is what creates a Dask clust
 production; the reconciler patches those objects, so tests use the real thing instead of
 hand-made copies. It runs outside the cluster, as a subprocess::
 
-    python -m kopf run -m dask_kubernetes.operator.controller --all-namespaces --standalone \
-        --liveness=http://127.0.0.1:<port>/healthz
+    python -m kopf run -m dask_kubernetes.operator.controller -m tests.dask_operator_backports \
+        --all-namespaces --standalone --liveness=http://127.0.0.1:<port>/healthz
+
+(:mod:`tests.dask_operator_backports`: an upstream fix the released operator lacks.)
 
 with ``KUBECONFIG`` set to the admin kubeconfig of the ``kube_api`` fixture. ``--standalone``
 turns kopf's peering off (peering needs kopf's own ``KopfPeering`` CRDs; without the flag kopf
@@ -100,6 +102,8 @@ VIRTUAL_NODE_TOLERATIONS: Sequence[Mapping[str, str]] = (
     {"key": VIRTUAL_NODE_TAINT["key"], "operator": "Exists", "effect": "NoSchedule"},
 )
 
+#: The checkout: the operator process imports :mod:`tests.dask_operator_backports` from it.
+REPO = Path(__file__).resolve().parent.parent
 #: Generous: a loaded 2-core machine runs the apiserver, etcd, the controller-manager and kopf.
 READY_TIMEOUT = 90.0
 OBJECTS_TIMEOUT = 60.0
@@ -338,12 +342,16 @@ class DaskOperator:
             f"KUBECONFIG={self.kube.kubeconfig}",
             # Lines reach the log file at once: problems() must see the latest ones.
             "PYTHONUNBUFFERED=1",
+            f"PYTHONPATH={REPO}",
             sys.executable,
             "-m",
             "kopf",
             "run",
             "-m",
             "dask_kubernetes.operator.controller",
+            # The released operator plus an upstream fix it lacks (see the module).
+            "-m",
+            "tests.dask_operator_backports",
             "--all-namespaces",
             "--standalone",
             f"--liveness=http://127.0.0.1:{self.liveness_port}/healthz",
