@@ -17,6 +17,7 @@ import random
 import re
 import sys
 import time
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -95,16 +96,22 @@ def hub(jupyterhub: JupyterHub) -> Iterator[Hub]:  # noqa: F811
 
 @contextlib.asynccontextmanager
 async def hub_forwarder(
-    tmp_path: Path, hub: Hub, *, hub_timeout: float = 5.0, **overrides: Any
+    tmp_path: Path,
+    hub: Hub,
+    *,
+    hub_timeout: float = 5.0,
+    api_url: str | None = None,
+    **overrides: Any,
 ) -> AsyncIterator[RunningForwarder]:
     """The real forwarder authenticating against the real hub; hub metrics on its /metrics."""
     registry = new_registry()
-    verifier = HubVerifier(hub.hub.api_url, timeout=hub_timeout, registry=registry)
+    api_url = api_url or hub.hub.api_url
+    verifier = HubVerifier(api_url, timeout=hub_timeout, registry=registry)
     settings = forwarder_settings(
         tmp_path,
         auth="hub",
         token_file=None,
-        hub_api_url=hub.hub.api_url,
+        hub_api_url=api_url,
         hub_timeout=hub_timeout,
         **overrides,
     )
@@ -564,6 +571,103 @@ async def test_hub_paused(tmp_path: Path, hub: Hub) -> None:
         assert metric(text, "jobtunnel_auth_hub_up") == 1
         assert [t["id"] for t in await tunnels(fw)] == [tunnel["id"]]
         assert await echo_roundtrip(address, b"after") == b"A:after"
+
+
+class HubRelay:
+    """A TCP relay in front of the real hub that can go down (connection refused, every
+    relayed connection cut) and come back on the same port: the hub process gone and back."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = 0
+        self._scope: anyio.CancelScope | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    async def _serve(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        # Same port when it comes back (anyio sets SO_REUSEADDR).
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=self.port)
+        self.port = int(listener.extra(anyio.abc.SocketAttribute.local_port))
+
+        async def relay(client: anyio.abc.SocketStream) -> None:
+            async with (
+                client,
+                await anyio.connect_tcp(*self.target) as upstream,
+                anyio.create_task_group() as pipes,
+            ):
+
+                async def pump(a: anyio.abc.SocketStream, b: anyio.abc.SocketStream) -> None:
+                    with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+                        async for chunk in a:
+                            await b.send(chunk)
+                    pipes.cancel_scope.cancel()
+
+                pipes.start_soon(pump, client, upstream)
+                pipes.start_soon(pump, upstream, client)
+
+        with anyio.CancelScope() as self._scope:
+            async with listener:
+                task_status.started()
+                await listener.serve(relay)
+
+    async def up(self) -> None:
+        assert self._tg is not None
+        await self._tg.start(self._serve)
+
+    def down(self) -> None:
+        assert self._scope is not None
+        self._scope.cancel()
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[HubRelay]:
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            await self.up()
+            try:
+                yield self
+            finally:
+                tg.cancel_scope.cancel()
+
+
+async def test_hub_down_and_back(tmp_path: Path, hub: Hub) -> None:
+    """The hub's process gone (connections refused, open ones cut), then back on its address:
+    new logins get "hub unavailable" at once, the live session keeps working, logins resume."""
+    alice, bob = hub.user("alice"), hub.user("bob")
+    hub_url = urllib.parse.urlsplit(hub.hub.api_url)
+    relay = HubRelay((str(hub_url.hostname), int(hub_url.port or 80)))
+    async with relay.running():
+        api_url = hub_url._replace(netloc=f"127.0.0.1:{relay.port}").geturl()
+        async with (
+            echo_server(b"A:") as port,
+            hub_forwarder(
+                tmp_path, hub, api_url=api_url, hub_timeout=5.0, revalidate_interval=1.0
+            ) as fw,
+            running_agent(agent_for(fw, alice, port)) as agent,
+        ):
+            (tunnel,) = await tunnels(fw)
+            address = tunnel["services"]["scheduler"]
+            relay.down()
+            started = anyio.current_time()
+            with capture_logs() as logs:
+                await login_refused(fw, bob.name, bob.token)
+            refused_in = anyio.current_time() - started
+            e = auth_event(logs, bob.name)
+            assert (e["outcome"], e["code"]) == ("unavailable", "hub_unavailable"), e
+            assert refused_in < 5.0, f"a refused connection is not a timeout: {refused_in:.2f}s"
+            await wait_for(lambda: _status(fw, "/readyz", 503), what="/readyz 503, hub down")
+            before = _revalidations(fw, "unavailable", "hub_unavailable")
+            await wait_for(
+                lambda: _revalidations(fw, "unavailable", "hub_unavailable") >= before + 2,
+                what="two revalidations while the hub is down",
+            )
+            assert agent.state.published
+            assert [t["id"] for t in await tunnels(fw)] == [tunnel["id"]]
+            assert await echo_roundtrip(address, b"down") == b"A:down"
+
+            await relay.up()
+            await wait_for(lambda: login_works(fw, bob.name, bob.token), what="login, hub back")
+            await wait_for(lambda: _status(fw, "/readyz", 200), what="/readyz 200, hub back")
+            assert [t["id"] for t in await tunnels(fw)] == [tunnel["id"]]
+            print(f"\nhub down: a login refused in {refused_in * 1000:.0f} ms")
 
 
 async def _status(fw: RunningForwarder, path: str, expected: int) -> bool:
