@@ -18,6 +18,8 @@ apart there by the KubeSpawner label ``hub.jupyter.org/username``. The namespace
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import ipaddress
 import json
 import time
@@ -1497,12 +1499,20 @@ async def test_many_tunnels_all_routed(
 # -- RBAC -------------------------------------------------------------------------------------
 
 
-def apply_reconciler_rbac(kube: KubeAPIServer, namespace: str) -> Path:
+def apply_reconciler_rbac(
+    kube: KubeAPIServer, namespace: str, *, network_policies: bool = True
+) -> Path:
     """Apply configs/kubernetes/rbac-reconciler.yaml in ``namespace``; a kubeconfig for its SA.
 
     Cluster-scoped names get the namespace as suffix so tests do not collide.
+    ``network_policies=False``: without the NetworkPolicy rule (an install not yet upgraded).
     """
     docs = list(yaml.safe_load_all((REPO / "configs/kubernetes/rbac-reconciler.yaml").read_text()))
+    if not network_policies:
+        for doc in docs:
+            doc["rules"] = [
+                r for r in doc.get("rules") or [] if "networkpolicies" not in r["resources"]
+            ]
     paths = {
         "ServiceAccount": f"/api/v1/namespaces/{namespace}/serviceaccounts",
         "ClusterRole": "/apis/rbac.authorization.k8s.io/v1/clusterroles",
@@ -1524,6 +1534,39 @@ def apply_reconciler_rbac(kube: KubeAPIServer, namespace: str) -> Path:
     return kube.write_kubeconfig(
         kube.directory / f"{namespace}-reconciler.kubeconfig", token, user="reconciler"
     )
+
+
+async def test_routing_does_not_wait_for_a_network_policy_it_may_not_write(
+    world: World, crds: KubeAPIServer
+) -> None:
+    """RBAC without networkpolicies (an install not yet upgraded): the Tunnel is routed anyway,
+    the refusal counted (errors{kind="networkpolicy"}), no policy written."""
+    kubeconfig = await anyio.to_thread.run_sync(
+        functools.partial(apply_reconciler_rbac, crds, world.fwd_ns, network_policies=False)
+    )
+    try:
+        forwarder = await world.forwarder_pod()
+        await world.dask_cluster("np", "alice")
+        pod = await call_json(
+            world.core.read_namespaced_pod, await world.scheduler_pod_name("np"), world.ns
+        )
+        configuration = client.Configuration()
+        await config.load_kube_config(
+            config_file=str(kubeconfig), client_configuration=configuration
+        )
+        async with client.ApiClient(configuration) as sa_api, anyio.create_task_group() as tg:
+            settings = dataclasses.replace(world.settings(), network_policies=True)
+            reconciler = Reconciler(settings, api=sa_api)
+            with anyio.fail_after(30):
+                await tg.start(reconciler.run)
+            await world.tunnel("np-1", "alice", pod, forwarder)
+            await wait_for(lambda: _routed(world, "np"), 30, "routed without a policy")
+            errors = reconciler.metrics.errors.labels(kind="networkpolicy")
+            assert errors._value.get() >= 1
+            assert await world.network_policy("np-1") is None
+            tg.cancel_scope.cancel()
+    finally:
+        await anyio.to_thread.run_sync(delete_reconciler_rbac, crds, world.fwd_ns)
 
 
 def delete_reconciler_rbac(kube: KubeAPIServer, namespace: str) -> None:

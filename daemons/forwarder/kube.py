@@ -57,6 +57,10 @@ HASH_LENGTH = 32  # hex digits: 128 bits
 NAME_MAX = 63
 
 
+#: Seconds a hello waits for the cross-replica takeover check before going on without it.
+HELD_CHECK_TIMEOUT = 2.0
+
+
 class KubeConfigError(Exception):
     """Neither ``KUBECONFIG`` nor an in-cluster service account gave a usable configuration."""
 
@@ -321,7 +325,8 @@ class KubernetesPublisher:
         """
         name = tunnel_name(session)
         try:
-            with anyio.fail_after(self._request_timeout):
+            # Short: every hello waits on it, and an API outage fails open anyway.
+            with anyio.fail_after(min(self._request_timeout, HELD_CHECK_TIMEOUT)):
                 obj = await self._get(name)
         except Exception as exc:
             # Counted and logged, not a readiness failure: the claim goes ahead (fail open).

@@ -252,6 +252,8 @@ class Reconciler:
         )
         self._source_seen: dict[str, tuple[Any, ...]] = {}
         self._owners = sources.OwnerIndex(self.users)
+        self._policy_errors: dict[str, str] = {}
+        self._policies_written: set[str] = set()
         self.services = informer(
             "Service", self._core.list_service_for_all_namespaces, self._on_marked, scheduler
         )
@@ -295,18 +297,10 @@ class Reconciler:
             self._on_marked,
             f"{COMPONENT_LABEL}=worker",
         )
-        # Our per-Tunnel NetworkPolicies: the steady state from the cache, a deletion a trigger.
-        self.policies = informer(
-            "NetworkPolicy",
-            functools.partial(self._net.list_namespaced_network_policy, settings.namespace),
-            self._on_policy,
-            f"app.kubernetes.io/managed-by={policy.MANAGED_BY}",
-        )
         self.informers = [
             self.tunnels,
             self.pods,
             self.source_pods,
-            *([self.policies] if settings.network_policies else []),
             self.services,
             self.slices,
             self.forwarders,
@@ -501,12 +495,6 @@ class Reconciler:
         for tunnel_key in keys:
             self.queue.add(tunnel_key)
 
-    def _on_policy(self, _kind: str, obj: Obj) -> None:
-        meta = obj.get("metadata") or {}
-        name = labels_of(obj).get(policy.TUNNEL_LABEL)
-        if name and meta.get("namespace") == self.settings.namespace:
-            self.queue.add(f"{self.settings.namespace}/{name}")
-
     def _allowed_sources(self, tunnel: Obj) -> list[str]:
         user = str((tunnel.get("spec") or {}).get("user"))
         return sources.allowed_sources(
@@ -585,7 +573,8 @@ class Reconciler:
         )
         if tunnel is None or (tunnel.get("metadata") or {}).get("deletionTimestamp"):
             await self._unroute(key, "the Tunnel is gone (session ended)")
-            await self._remove_policy(key)
+            await self._remove_policy(key, gone=True)
+            self._policy_errors.pop(key, None)
             self._cluster_of.pop(key, None)
             return
 
@@ -615,7 +604,7 @@ class Reconciler:
         assert pod is not None
         assert verdict.cluster is not None
         outcome.allowed_sources = self._allowed_sources(tunnel)
-        await self._ensure_policy(key, tunnel)
+        await self._defence_in_depth(key, tunnel)
         await self._route(key, tunnel, pod, verdict.cluster, outcome)
         await self._finish(tunnel, outcome, verdict)
 
@@ -1150,6 +1139,18 @@ class Reconciler:
                 self.metrics.restored.labels(kind=str(obj.get("kind"))).inc()
         return restored
 
+    async def _defence_in_depth(self, key: str, tunnel: Obj) -> None:
+        """The NetworkPolicy, without holding routing hostage: the forwarder's allow-list is the
+        control, the policy a second wall. Refused for good (no RBAC for it, a CNI webhook
+        rejecting it): say so once per Tunnel and cause, count it, and route anyway."""
+        try:
+            await self._ensure_policy(key, tunnel)
+        except ApiException as exc:
+            if not self._policy_refused(key, exc):
+                raise  # transient: the reconcile is retried
+            return
+        self._policy_errors.pop(key, None)
+
     async def _ensure_policy(self, key: str, tunnel: Obj) -> None:
         """The Tunnel's NetworkPolicy as :func:`policy.desired_policy` says (idempotent)."""
         if not self.settings.network_policies:
@@ -1163,10 +1164,15 @@ class Reconciler:
         if wanted is None:
             await self._remove_policy(key)
             return
-        current = self.policies.cache.get(key)
+        ns, name = split_key(key)
+        # A fresh read, not a watch: a reconciler whose RBAC lacks networkpolicies must still
+        # start and route (a watch it may not list would hold its start forever).
+        current = await get_or_none(
+            self._net.read_namespaced_network_policy, name, ns, _request_timeout=self._timeout
+        )
+        self._policies_written.add(key)
         if current is not None and not policy.needs_update(current, wanted):
             return
-        ns, name = split_key(key)
         try:
             await call_json(
                 self._net.create_namespaced_network_policy,
@@ -1192,18 +1198,38 @@ class Reconciler:
         )
         log.info("network policy updated", tunnel=key)
 
-    async def _remove_policy(self, key: str) -> None:
-        if not self.settings.network_policies or key not in self.policies.cache:
+    async def _remove_policy(self, key: str, *, gone: bool = False) -> None:
+        """Delete the Tunnel's policy: when it is gone (its owner reference would too, later),
+        or when this replica wrote one for claims that no longer verify."""
+        if not self.settings.network_policies:
             return
+        if not gone and key not in self._policies_written:
+            return
+        self._policies_written.discard(key)
         ns, name = split_key(key)
         try:
             await call_json(
                 self._net.delete_namespaced_network_policy, name, ns, _request_timeout=self._timeout
             )
         except ApiException as exc:
-            if exc.status != 404:
+            if exc.status == 404:
+                return
+            if not self._policy_refused(key, exc):
                 raise
+            return
         log.info("network policy deleted", tunnel=key)
+
+    def _policy_refused(self, key: str, exc: ApiException) -> bool:
+        """A refusal for good (403: no RBAC for it; 422: a webhook or validation says no):
+        said once per Tunnel and cause, counted. False for what a retry may fix."""
+        if exc.status not in (403, 422):
+            return False
+        self._error("networkpolicy")
+        message = f"{exc.status} {exc.reason}"
+        if self._policy_errors.get(key) != message:
+            log.warning("network policy not written", tunnel=key, error=message)
+        self._policy_errors[key] = message
+        return True
 
     async def _delete_tunnel(self, tunnel: Obj, why: str) -> None:
         meta = tunnel.get("metadata") or {}

@@ -29,7 +29,7 @@ class ReconcilerMetrics:
         )
         self.errors = Counter(
             "jobtunnel_reconciler_errors",
-            "Errors by kind (api, conflict, watch, event, job, lease, discovery)",
+            "Errors by kind (api, conflict, watch, event, job, lease, discovery, networkpolicy)",
             ["kind"],
             registry=registry,
         )
@@ -65,5 +65,14 @@ class ReconcilerMetrics:
         for condition in CONDITIONS:
             for status in STATUSES:
                 self.tunnels.labels(condition=condition, status=status).set(0)
-        for kind in ("api", "conflict", "watch", "event", "job", "lease", "discovery"):
+        for kind in (
+            "api",
+            "conflict",
+            "watch",
+            "event",
+            "job",
+            "lease",
+            "discovery",
+            "networkpolicy",
+        ):
             self.errors.labels(kind=kind)
