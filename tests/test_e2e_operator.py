@@ -235,7 +235,8 @@ class Stack:
                 scope.cancel()
 
     def settings(self) -> Any:
-        rules = {"user_namespace": self.ns, **self.rules}
+        # The stand-in operator pod lives in the forwarder's namespace.
+        rules = {"user_namespace": self.ns, "operator_namespace": self.fwd_ns, **self.rules}
         return settings_for(self.fwd_ns, virtual_node=VIRTUAL_NODE, **rules)
 
     @contextlib.asynccontextmanager

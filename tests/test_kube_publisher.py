@@ -291,6 +291,30 @@ def fake_session(user: str, identity: tuple[str, str] | None, sid: str = "s1") -
 # -- pure helpers --------------------------------------------------------------------------------
 
 
+async def test_allow_list_unknown_until_the_reconciler_writes_it() -> None:
+    """None (not yet: counted as source-pending, not reported) until status.allowedSources
+    exists; then exactly its CIDRs; another user's Tunnel under the name admits nobody."""
+    async with client.ApiClient() as unused:
+        pub = make_publisher(unused, "jobtunnel", "fwd-0")
+        session = fake_session("alice", ("alice", "pod:u1"))
+        name = tunnel_name(session)
+        assert pub.admits_source(session, "10.0.0.5") is None
+        tunnel: dict[str, Any] = {
+            "metadata": {"name": name, "resourceVersion": "1"},
+            "spec": {"user": "alice"},
+            "status": {},
+        }
+        pub._observe(tunnel)
+        assert pub.admits_source(session, "10.0.0.5") is None
+        tunnel = copy.deepcopy(tunnel)
+        tunnel["metadata"]["resourceVersion"] = "2"
+        tunnel["status"]["allowedSources"] = ["10.0.0.5/32", "not-a-cidr"]
+        pub._observe(tunnel)
+        assert pub.admits_source(session, "10.0.0.5") is True
+        assert pub.admits_source(session, "10.0.0.6") is False
+        assert pub.admits_source(fake_session("bob", ("alice", "pod:u1")), "10.0.0.5") is None
+
+
 def test_tunnel_names_are_dns_labels_and_stable_per_identity() -> None:
     a = fake_session("Alice.Smith@EXAMPLE.org", ("Alice.Smith@EXAMPLE.org", "pod:1"), "s1")
     b = fake_session("Alice.Smith@EXAMPLE.org", ("Alice.Smith@EXAMPLE.org", "pod:1"), "s2")

@@ -51,6 +51,12 @@ def test_bad_allowed_sources_setting_is_one_line_naming_it(tmp_path: Path) -> No
     assert "host bits" in line
 
 
+def test_refused_peers_bound_fits_the_tunnel_status(tmp_path: Path) -> None:
+    env = {"JOBTUNNEL_MAX_REFUSED_SOURCES": "65", "JOBTUNNEL_TOKEN_FILE": str(tmp_path / "t")}
+    line = assert_config_error(run([FORWARDER], env, tmp_path), "JOBTUNNEL_MAX_REFUSED_SOURCES")
+    assert "at most 64" in line
+
+
 def _pod(ns: str, name: str, ip: str, phase: str = "Running", **labels: str) -> dict[str, object]:
     return {
         "metadata": {"namespace": ns, "name": name, "uid": f"uid-{name}", "labels": labels},
@@ -68,17 +74,34 @@ def test_reconciler_allow_list_is_the_owners_pods_the_operator_and_extra() -> No
         {"metadata": {"namespace": "jupyter-alice", "name": "pending"}, "status": {}},
     ]
     operator = {"app.kubernetes.io/name": "dask-operator"}
+    # Bob copies the operator's labels onto a pod of his: labels alone admit nothing.
+    pods.append(_pod("jupyter-bob", "fake-op", "10.0.0.8", **operator))
+    # A host-network pod of alice's: its address is the node's, never let in.
+    host = _pod("jupyter-alice", "host", "10.1.0.1")
+    host["status"]["hostIP"] = "10.1.0.1"  # type: ignore[index]
+    pods.append(host)
     rules = UserRules("jupyter-{user}")
-    got = sources.allowed_sources("alice", pods, rules, operator, ["192.168.0.0/24"])
+    got = sources.allowed_sources(
+        "alice", pods, rules, operator, ["192.168.0.0/24"], operator_namespace="dask-operator"
+    )
     assert got == ["10.0.0.5/32", "10.0.9.1/32", "192.168.0.0/24"]
     assert sources.allowed_sources("carol", pods, rules, {}) == []
-    # A shared namespace (Zero-to-JupyterHub's default): the user label decides.
+    # A shared namespace (Zero-to-JupyterHub's default): the user label decides, and only on
+    # pods nobody controls (the hub's bare pods): the Dask operator copies a DaskCluster's
+    # labels, so bob's cluster could name alice.
+    label = "hub.jupyter.org/username"
+    forged = _pod("jhub", "bobs-worker", "10.0.1.3", **{label: "alice"})
+    forged["metadata"]["ownerReferences"] = [{"kind": "ReplicaSet", "controller": True}]  # type: ignore[index]
     shared = [
-        _pod("jhub", "a", "10.0.1.1", **{"hub.jupyter.org/username": "alice"}),
-        _pod("jhub", "b", "10.0.1.2", **{"hub.jupyter.org/username": "bob"}),
+        _pod("jhub", "a", "10.0.1.1", **{label: "alice"}),
+        _pod("jhub", "b", "10.0.1.2", **{label: "bob"}),
+        forged,
     ]
-    by_label = UserRules("", label="hub.jupyter.org/username")
+    by_label = UserRules("", label=label)
     assert sources.allowed_sources("alice", shared, by_label, {}) == ["10.0.1.1/32"]
+    assert sources.trim_pod(forged)["metadata"]["ownerReferences"] == [
+        {"kind": "ReplicaSet", "controller": True}
+    ]
     trimmed = sources.trim_pod(pods[0])
     assert "spec" not in trimmed
     assert sources.pod_ips(trimmed) == ["10.0.0.5"]
@@ -215,7 +238,9 @@ def test_network_policy_opens_only_the_sessions_ports_to_the_owner() -> None:
         },
     }
     operator = {"app.kubernetes.io/name": "dask-kubernetes-operator"}
-    wanted = policy.desired_policy(tunnel, UserRules("jupyter-{user}"), operator, ["10.8.0.0/24"])
+    wanted = policy.desired_policy(
+        tunnel, UserRules("jupyter-{user}"), operator, ["10.8.0.0/24"], "dask-operator"
+    )
     assert wanted is not None
     spec = wanted["spec"]
     assert spec["podSelector"] == {"matchLabels": {"jobtunnel.io/forwarder-pod": "fwd-0"}}
@@ -223,7 +248,10 @@ def test_network_policy_opens_only_the_sessions_ports_to_the_owner() -> None:
     assert [p["port"] for p in rule["ports"]] == [40001, 40002]
     assert rule["from"] == [
         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "jupyter-alice"}}},
-        {"namespaceSelector": {}, "podSelector": {"matchLabels": operator}},
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "dask-operator"}},
+            "podSelector": {"matchLabels": operator},
+        },
         {"ipBlock": {"cidr": "10.8.0.0/24"}},
     ]
     (owner,) = wanted["metadata"]["ownerReferences"]
@@ -239,9 +267,14 @@ def test_network_policy_opens_only_the_sessions_ports_to_the_owner() -> None:
     (peer,) = shared["spec"]["ingress"][0]["from"]
     (expr,) = peer["podSelector"]["matchExpressions"]
     assert expr["values"] == ["alice-example-org---cfd44c4f"]  # the name is no label value
-    # Nothing expressible (an annotation rule only, no operator, no CIDR): nothing opened,
-    # never an empty "from" (which would admit everyone).
-    closed = policy.desired_policy(tunnel, UserRules("", annotation="hub/user"), {}, [])
+    # An annotation rule is no selector: the owner's current addresses instead, never narrower
+    # than the forwarder's check; and with nothing at all, nothing opened, never an empty
+    # "from" (which would admit everyone).
+    annotated = UserRules("", annotation="hub/user")
+    by_ip = policy.desired_policy(tunnel, annotated, {}, [], allowed=["10.0.0.5/32"])
+    assert by_ip is not None
+    assert by_ip["spec"]["ingress"][0]["from"] == [{"ipBlock": {"cidr": "10.0.0.5/32"}}]
+    closed = policy.desired_policy(tunnel, annotated, {}, [])
     assert closed is not None
     assert closed["spec"]["ingress"] == []
     assert policy.desired_policy(tunnel | {"spec": {"user": "alice"}}, UserRules(), {}, []) is None

@@ -292,6 +292,31 @@ async def test_v1_holder_alive_by_any_frame(tmp_path: Path) -> None:
         assert holder.pending == []
 
 
+async def test_v1_holder_that_beat_recently_is_alive_without_a_frame_in_the_bound(
+    tmp_path: Path,
+) -> None:
+    """A live v1 agent beats every 10 s, longer than the 5 s bound: a beat within 1.5
+    intervals keeps it (the claimant is refused at once), so a live v1 tunnel is never lost."""
+    async with (
+        echo_server(b"H:") as port,
+        forwarder(tmp_path, heartbeat_interval=10.0) as fw,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        holder, tunnel = await raw_holder(fw, stack, port, versions=(1,))
+        holder.send(p.Heartbeat(seq=1, sent_at=1.0))
+        assert isinstance(await holder.receive(), p.HeartbeatAck)
+        thief = await stack.enter_async_context(await probe(fw))
+        control = await RawControl.open(thief)
+        started = anyio.current_time()
+        control.send(claim("scheduler"))
+        error = await control.receive()
+        assert isinstance(error, p.Error), error
+        assert error.code == "identity-held", error
+        assert anyio.current_time() - started < 2.5  # at once, not after the 5 s bound
+        assert [t["id"] for t in fw.tunnels()] == [tunnel["id"]]
+        assert holder.pending == []
+
+
 # --- 2. a silent holder is replaced within the bound ----------------------------------------
 
 

@@ -356,11 +356,13 @@ class KubernetesPublisher:
             f"(Tunnel {name}, heartbeat {max(age, 0.0):.0f}s ago)"
         )
 
-    def admits_source(self, session: Session, host: str) -> bool:
-        """The allow-list the reconciler wrote in the Tunnel's status (none yet: deny)."""
+    def admits_source(self, session: Session, host: str) -> bool | None:
+        """The allow-list the reconciler wrote in the Tunnel's status; None before it has."""
         obj = self._observed.get(tunnel_name(session))
         if obj is None or (obj.get("spec") or {}).get("user") != session.user:
-            return False
+            return None
+        if "allowedSources" not in (obj.get("status") or {}):
+            return None
         return self._allow_list(obj).admits(host)
 
     def refusals_changed(self, session: Session) -> None:

@@ -213,16 +213,28 @@ class Forwarder:
 
     def admit_source(self, session: Session, service: str, host: str, port: int) -> bool:
         """Every in-cluster connection to a tunnelled service, before a byte is forwarded."""
-        if self.allowed_sources.admits(host) or self.publisher.admits_source(session, host):
+        if self.allowed_sources.admits(host):
             return True
-        self.metrics.refusals.labels(kind="source").inc()
-        if session.refuse_source(host, self.settings.max_refused_sources):
+        verdict = self.publisher.admits_source(session, host)
+        if verdict:
+            return True
+        # Before the cluster's list arrives (well under a second after publication) a refusal
+        # says nothing about the peer: counted and logged, not reported to the owner.
+        kind = "source" if verdict is False else "source-pending"
+        self.metrics.refusals.labels(kind=kind).inc()
+        if verdict is False and session.refuse_source(host, self.settings.max_refused_sources):
             self.publisher.refusals_changed(session)
-        if self.log_summary.should_log((source_group(host), "source")):
+        if self.log_summary.should_log((source_group(host), kind)):
+            reason = (
+                f"{host} is not allowed to reach {session.user}'s {service}"
+                if verdict is False
+                else f"{host} may not reach {session.user}'s {service} yet: the cluster's "
+                "allow-list for this tunnel has not arrived"
+            )
             log.warning(
                 "refused",
-                kind="source",
-                reason=f"{host} is not allowed to reach {session.user}'s {service}",
+                kind=kind,
+                reason=reason,
                 user=session.user,
                 session=session.id,
                 service=service,
@@ -655,7 +667,16 @@ class _Connection(asyncssh.SSHServer):
             challenge.settle(True)
         elif (self.conversation.version or 0) >= p.PING_VERSION:
             self.send(p.Ping(nonce=challenge.nonce))
-        # Version 1 has no ping: any frame arriving before the deadline settles it.
+        elif self._heartbeat_recent():
+            # Version 1 has no ping and beats every heartbeat_interval, longer than the bound:
+            # a beat within 1.5 intervals is taken as alive (a live holder is never replaced).
+            challenge.settle(True)
+        # Otherwise any frame arriving before the deadline settles it.
+
+    def _heartbeat_recent(self) -> bool:
+        beat = self.session.last_heartbeat if self.session is not None else None
+        window = 1.5 * self.fw.settings.heartbeat_interval
+        return beat is not None and time.time() - beat < window
 
     def _answered(self, messages: list[p.Message]) -> None:
         """Settle a pending liveness challenge with what the agent just sent."""
@@ -887,7 +908,11 @@ class _Connection(asyncssh.SSHServer):
         if session.identity is None:
             return None
         if holder is None:
-            return await self._claim_elsewhere(session)
+            refusal = await self._claim_elsewhere(session)
+            holder = self.fw.registry.holder(session)
+            if refusal is not None or holder is None:
+                return refusal
+            # Someone published the identity here while we asked the API: challenge it too.
         if holder in (session, self._shown_dead):
             return None
         started = anyio.current_time()

@@ -259,9 +259,9 @@ class Publisher(Protocol):
         or None; a publisher that cannot tell says None (an outage must not lock agents out)."""
         ...
 
-    def admits_source(self, session: Session, host: str) -> bool:
+    def admits_source(self, session: Session, host: str) -> bool | None:
         """Whether the cluster allows ``host`` to reach ``session``'s services (beyond the
-        forwarder's own ``allowed_sources``); False until the publisher knows."""
+        forwarder's own ``allowed_sources``); None while the publisher does not know yet."""
         ...
 
     def refusals_changed(self, session: Session) -> None:
@@ -292,7 +292,7 @@ class MemoryPublisher:
     async def held_elsewhere(self, session: Session) -> str | None:
         return None  # one forwarder: the registry knows every holder
 
-    def admits_source(self, session: Session, host: str) -> bool:
+    def admits_source(self, session: Session, host: str) -> bool | None:
         return False  # standalone: the forwarder's allowed_sources are the whole list
 
     def refusals_changed(self, session: Session) -> None:

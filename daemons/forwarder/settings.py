@@ -39,7 +39,8 @@ class ForwarderSettings:
     #: Tunnel, the owner's pods and the Dask operator's that the reconciler writes in its
     #: status; until it has, only these are let in. Loopback only by default.
     allowed_sources: tuple[str, ...] = c.option(c.cidr_list, ("127.0.0.0/8", "::1/128"))
-    #: Distinct refused peers remembered (and reported) per session; beyond that only counted.
+    #: Distinct refused peers (and refused claimants) remembered and reported per session;
+    #: beyond that only counted. At most 64 (the Tunnel CRD's bound).
     max_refused_sources: int = c.option(c.positive_int, 16)
     max_sessions_per_user: int = c.option(c.positive_int, 20)
     max_unauthenticated: int = c.option(c.positive_int, 100)
@@ -75,6 +76,11 @@ class ForwarderSettings:
         if self.auth == "token-file" and self.token_file is None:
             raise c.ConfigError(
                 "JOBTUNNEL_TOKEN_FILE (token_file) is required with auth=token-file"
+            )
+        if self.max_refused_sources > 64:
+            raise c.ConfigError(
+                "JOBTUNNEL_MAX_REFUSED_SOURCES (max_refused_sources): at most 64 (the Tunnel "
+                f"status holds no more), got {self.max_refused_sources}"
             )
         if self.auth == "hub" and not self.hub_api_url:
             raise c.ConfigError("JOBTUNNEL_HUB_API_URL (hub_api_url) is required with auth=hub")

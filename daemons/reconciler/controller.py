@@ -248,9 +248,10 @@ class Reconciler:
             watch_timeout=timeout,
             request_timeout=to,
             on_error=self._error,
-            transform=sources.trim_pod,
+            transform=functools.partial(sources.trim_pod, annotation=settings.user_annotation),
         )
         self._source_seen: dict[str, tuple[Any, ...]] = {}
+        self._source_owners: dict[str, list[str]] = {}
         self._owners = sources.OwnerIndex(self.users)
         self._policy_errors: dict[str, str] = {}
         self._policies_written: set[str] = set()
@@ -488,22 +489,37 @@ class Reconciler:
             return
         else:
             self._source_seen[key] = seen
-        if sources.selected(pod, self.settings.operator_pod_selector):
+        settings = self.settings
+        if sources.is_operator(pod, settings.operator_namespace, settings.operator_pod_selector):
             keys = list(self.tunnels.cache)  # the operator may reach every tunnel
         else:
             keys = self._owners.owners_of(pod)
-        for tunnel_key in keys:
+        # The Tunnels it mattered to before too: a pod relabelled away loses its place now.
+        before = self._source_owners.pop(key, [])
+        if kind != "DELETED":
+            self._source_owners[key] = keys
+        for tunnel_key in sorted(set(keys) | set(before)):
             self.queue.add(tunnel_key)
 
     def _allowed_sources(self, tunnel: Obj) -> list[str]:
         user = str((tunnel.get("spec") or {}).get("user"))
-        return sources.allowed_sources(
+        found = sources.allowed_sources(
             user,
             self.source_pods.cache.values(),
             self.users,
             self.settings.operator_pod_selector,
             self.settings.extra_allowed_sources,
+            self.settings.operator_namespace,
         )
+        if len(found) > sources.MAX_ALLOWED:  # the CRD's bound: write what fits, say so
+            log.warning(
+                "allow-list truncated",
+                tunnel=key_of(tunnel),
+                entries=len(found),
+                kept=sources.MAX_ALLOWED,
+            )
+            found = found[: sources.MAX_ALLOWED]
+        return found
 
     def _on_forwarder_pod(self, _kind: str, pod: Obj) -> None:
         """A forwarder pod's IP or readiness changed (or it went): its Tunnels' endpoints."""
@@ -604,7 +620,9 @@ class Reconciler:
         assert pod is not None
         assert verdict.cluster is not None
         outcome.allowed_sources = self._allowed_sources(tunnel)
-        await self._defence_in_depth(key, tunnel)
+        # Before the route: the owner's first connections must find the list in place.
+        await self._write_allow_list(tunnel, outcome.allowed_sources)
+        await self._defence_in_depth(key, tunnel, outcome.allowed_sources)
         await self._route(key, tunnel, pod, verdict.cluster, outcome)
         await self._finish(tunnel, outcome, verdict)
 
@@ -1139,19 +1157,41 @@ class Reconciler:
                 self.metrics.restored.labels(kind=str(obj.get("kind"))).inc()
         return restored
 
-    async def _defence_in_depth(self, key: str, tunnel: Obj) -> None:
+    async def _write_allow_list(self, tunnel: Obj, allowed: list[str]) -> None:
+        status = tunnel.get("status") or {}
+        if status.get("allowedSources") == allowed:
+            return
+        meta = tunnel.get("metadata") or {}
+        try:
+            updated = await patch_json(
+                self._custom.patch_namespaced_custom_object_status,
+                TUNNEL_GROUP,
+                TUNNEL_VERSION,
+                meta["namespace"],
+                TUNNEL_PLURAL,
+                meta["name"],
+                {"status": {"allowedSources": allowed}},
+                request_timeout=self._timeout,
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            return
+        tunnel["status"] = updated.get("status") or {}
+
+    async def _defence_in_depth(self, key: str, tunnel: Obj, allowed: list[str]) -> None:
         """The NetworkPolicy, without holding routing hostage: the forwarder's allow-list is the
         control, the policy a second wall. Refused for good (no RBAC for it, a CNI webhook
         rejecting it): say so once per Tunnel and cause, count it, and route anyway."""
         try:
-            await self._ensure_policy(key, tunnel)
+            await self._ensure_policy(key, tunnel, allowed)
         except ApiException as exc:
             if not self._policy_refused(key, exc):
                 raise  # transient: the reconcile is retried
             return
         self._policy_errors.pop(key, None)
 
-    async def _ensure_policy(self, key: str, tunnel: Obj) -> None:
+    async def _ensure_policy(self, key: str, tunnel: Obj, allowed: list[str]) -> None:
         """The Tunnel's NetworkPolicy as :func:`policy.desired_policy` says (idempotent)."""
         if not self.settings.network_policies:
             return
@@ -1160,6 +1200,8 @@ class Reconciler:
             self.users,
             self.settings.operator_pod_selector,
             self.settings.extra_allowed_sources,
+            self.settings.operator_namespace,
+            allowed,
         )
         if wanted is None:
             await self._remove_policy(key)
@@ -1284,7 +1326,7 @@ class Reconciler:
         session_id = (tunnel.get("spec") or {}).get("sessionId")
         refused = sources.unreported(tunnel)
         reported = sorted(sources.reported(tunnel) | {key for key, _ in refused})
-        reported = reported[: 2 * sources.MAX_REPORTED]
+        reported = reported[: sources.MAX_REPORTED_KEYS]
         new_status = {
             "conditions": conditions,
             "cluster": outcome.cluster,

@@ -7,14 +7,15 @@ it), selecting only the forwarder pod that holds the session (the label the forw
 its own pod) and opening only the session's listener ports, from
 
 * the owner's pods, expressed with the user rules as selectors (namespace by its
-  ``kubernetes.io/metadata.name`` label, the user label by value); an annotation rule cannot be
-  a selector, so the policy is then wider than the forwarder's check, never narrower;
-* the Dask operator's pods (``operator_pod_selector``, any namespace);
+  ``kubernetes.io/metadata.name`` label, the user label by value); where no selector can say it
+  (an annotation rule), their current addresses as ``ipBlock``s, so the policy is never
+  narrower than the forwarder's check;
+* the Dask operator's pods (``operator_pod_selector`` in ``operator_namespace``);
 * ``extra_allowed_sources`` as ``ipBlock``s.
 
-Pod IPs are never written as ``ipBlock``: Kubernetes says those are for cluster-external
-addresses. The static ``networkpolicy-forwarder.yaml`` keeps SSH and metrics open; with these
-policies in place it no longer opens the session ports to whole namespaces.
+Pod IPs are otherwise not written as ``ipBlock``: Kubernetes says those are for
+cluster-external addresses. The static ``networkpolicy-forwarder.yaml`` opens SSH and metrics
+only: under an enforcing CNI the session ports are reachable through these policies alone.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ def desired_policy(
     rules: UserRules,
     operator: Mapping[str, str],
     extra: Iterable[str],
+    operator_namespace: str = "",
+    allowed: Iterable[str] = (),
 ) -> Obj | None:
     """The Tunnel's NetworkPolicy, or None when there is nothing to open (no ports, no pod)."""
     meta = tunnel.get("metadata") or {}
@@ -73,8 +76,18 @@ def desired_policy(
     if not isinstance(user, str) or not isinstance(forwarder, str) or not forwarder or not ports:
         return None
     peers = owner_peers(user, rules)
-    if operator:
-        peers.append({"namespaceSelector": {}, "podSelector": {"matchLabels": dict(operator)}})
+    extra = list(extra)
+    if not peers:
+        # No selector says "the owner's pods" (an annotation rule, a name that is no label
+        # value): their addresses then, or the policy would be narrower than the forwarder.
+        extra = sorted(set(extra) | set(allowed))
+    if operator and operator_namespace:
+        peers.append(
+            {
+                "namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: operator_namespace}},
+                "podSelector": {"matchLabels": dict(operator)},
+            }
+        )
     peers.extend({"ipBlock": {"cidr": cidr}} for cidr in extra)
     # An empty "from" would admit everyone: with no peer, open nothing at all.
     ingress = (

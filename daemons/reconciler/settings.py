@@ -71,11 +71,13 @@ class ReconcilerSettings:
     #: checked), and the user rule applied to the Deployment's pod template and the DaskCluster.
     #: Needs ``get`` on replicasets. Turn off only where users cannot create pods.
     require_owner_chain: bool = c.option(c.boolean, True)
-    #: Pods (any namespace) that may reach every tunnel besides the owner's own pods: the Dask
-    #: operator talks to schedulers to scale them. Empty: none.
+    #: Pods that may reach every tunnel besides the owner's own: the Dask operator talks to
+    #: schedulers to scale them. Its labels *in its namespace* (labels alone anyone can copy);
+    #: an empty namespace or selector admits none.
     operator_pod_selector: dict[str, str] = c.option(
         _label_selector, {"app.kubernetes.io/name": "dask-kubernetes-operator"}
     )
+    operator_namespace: str = c.option(c.string, "dask-operator")
     #: CIDRs that may reach every tunnel (e.g. a monitoring network); none by default.
     extra_allowed_sources: tuple[str, ...] = c.option(c.cidr_list, ())
     #: One NetworkPolicy per Tunnel in ``namespace`` (:mod:`.policy`), the allow-list again at

@@ -24,27 +24,48 @@ from typing import Any
 from daemons.reconciler.kube import Obj, labels_of
 from daemons.reconciler.verify import UserRules, user_slug
 
-#: What the forwarder reports at most per Tunnel, and what we remember having reported.
+#: The CRD's bounds: refused peers per list the forwarder reports, the keys of both lists we
+#: remember having reported, and allow-list entries.
 MAX_REPORTED = 64
+MAX_REPORTED_KEYS = 2 * MAX_REPORTED
+MAX_ALLOWED = 1024
 
 
-def trim_pod(pod: Obj) -> Obj:
-    """The part of a pod the allow-list needs: identity, owner labels, IPs, phase."""
+def trim_pod(pod: Obj, annotation: str = "") -> Obj:
+    """The part of a pod the allow-list needs: identity, labels, the one annotation a user rule
+    reads, whether a controller owns it, IPs, phase (not ``last-applied-configuration``)."""
     meta = pod.get("metadata") or {}
     status = pod.get("status") or {}
+    annotations = meta.get("annotations") or {}
+    owners = meta.get("ownerReferences") or []
     return {
         "kind": "Pod",
         "metadata": {
-            key: meta[key]
-            for key in ("name", "namespace", "uid", "resourceVersion", "labels", "annotations")
-            if key in meta
+            **{
+                key: meta[key]
+                for key in ("name", "namespace", "uid", "resourceVersion", "labels")
+                if key in meta
+            },
+            "annotations": {annotation: annotations[annotation]}
+            if annotation in annotations
+            else {},
+            "ownerReferences": [
+                {"kind": r.get("kind"), "controller": bool(r.get("controller"))} for r in owners
+            ],
         },
         "status": {
             "phase": status.get("phase"),
             "podIPs": status.get("podIPs") or [],
             "podIP": status.get("podIP"),
+            "hostIP": status.get("hostIP"),
         },
     }
+
+
+def has_controller(pod: Obj) -> bool:
+    return any(
+        r.get("controller") for r in (pod.get("metadata") or {}).get("ownerReferences") or []
+    )
 
 
 def pod_ips(pod: Obj) -> list[str]:
@@ -55,12 +76,32 @@ def pod_ips(pod: Obj) -> list[str]:
     found = [str(entry.get("ip")) for entry in status.get("podIPs") or [] if entry.get("ip")]
     if not found and status.get("podIP"):
         found = [str(status["podIP"])]
-    return found
+    # A host-network pod's address is its node's: letting it in would let the whole node in.
+    return [ip for ip in found if ip != status.get("hostIP")]
 
 
 def selected(pod: Obj, selector: Mapping[str, str]) -> bool:
     labels = labels_of(pod)
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def is_operator(pod: Obj, namespace: str, selector: Mapping[str, str]) -> bool:
+    """The Dask operator's pod: its labels *and* its namespace (anyone can copy labels)."""
+    if not namespace:
+        return False
+    return (pod.get("metadata") or {}).get("namespace") == namespace and selected(pod, selector)
+
+
+def owned_by_user(pod: Obj, user: str, rules: UserRules) -> bool:
+    """The user rules, and where no namespace is the user's own, only pods nobody controls.
+
+    In a namespace shared by all users, labels are whatever a pod's creator wrote, and the Dask
+    operator copies a DaskCluster's labels into the pods it makes: anyone could make a pod that
+    names another user. The hub's own pods (KubeSpawner makes bare pods) are the ones left.
+    """
+    if not rules.owns(pod, user):
+        return False
+    return rules.expected_namespace(user) is not None or not has_controller(pod)
 
 
 def host_network(ip: str) -> str | None:
@@ -78,11 +119,12 @@ def allowed_sources(
     rules: UserRules,
     operator: Mapping[str, str],
     extra: Iterable[str] = (),
+    operator_namespace: str = "",
 ) -> list[str]:
     """The sorted CIDRs that may reach ``user``'s tunnel."""
     found = set(extra)
     for pod in pods:
-        if rules.owns(pod, user) or selected(pod, operator):
+        if owned_by_user(pod, user, rules) or is_operator(pod, operator_namespace, operator):
             for ip in pod_ips(pod):
                 network = host_network(ip)
                 if network is not None:
@@ -173,4 +215,4 @@ class OwnerIndex:
             value = str(labels_of(pod).get(self.rules.label))
             candidates |= self._by_token.get(("label", value), set())
         candidates |= self._by_token.get(("any", ""), set())
-        return sorted(k for k in candidates if self.rules.owns(pod, self._user[k]))
+        return sorted(k for k in candidates if owned_by_user(pod, self._user[k], self.rules))
