@@ -8,6 +8,7 @@ owner's scheduler is published on. It must be closed before a byte reaches the j
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,7 +20,13 @@ from structlog.testing import capture_logs
 from daemons.reconciler import policy, sources
 from daemons.reconciler.verify import UserRules
 from shared.sources import AllowList
-from tests.harness import RunningForwarder, agent_settings, running_agent, wait_for
+from tests.harness import (
+    RunningForwarder,
+    agent_settings,
+    forwarder_settings,
+    running_agent,
+    wait_for,
+)
 from tests.test_config import FORWARDER, assert_config_error, run
 from tests.test_policy import STEP, forwarder, refusals, tunnels
 
@@ -55,6 +62,18 @@ def test_refused_peers_bound_fits_the_tunnel_status(tmp_path: Path) -> None:
     env = {"JOBTUNNEL_MAX_REFUSED_SOURCES": "65", "JOBTUNNEL_TOKEN_FILE": str(tmp_path / "t")}
     line = assert_config_error(run([FORWARDER], env, tmp_path), "JOBTUNNEL_MAX_REFUSED_SOURCES")
     assert "at most 64" in line
+
+
+def test_default_allow_list_is_loopback_standalone_and_nothing_in_kubernetes(
+    tmp_path: Path,
+) -> None:
+    """In a pod a sidecar proxy (Istio's 127.0.0.6) would hand every peer over from loopback."""
+    base = forwarder_settings(tmp_path)
+    assert base.source_allow_list == ("127.0.0.0/8", "::1/128")
+    kube = dataclasses.replace(base, publish="kubernetes")
+    assert kube.source_allow_list == ()
+    explicit = dataclasses.replace(kube, allowed_sources=("10.0.0.0/8",))
+    assert explicit.source_allow_list == ("10.0.0.0/8",)
 
 
 def _pod(ns: str, name: str, ip: str, phase: str = "Running", **labels: str) -> dict[str, object]:

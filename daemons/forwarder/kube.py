@@ -369,8 +369,10 @@ class KubernetesPublisher:
         desired = self._desired.get(tunnel_name(session))
         if desired is None or desired.session_id != session.id:
             return
+        before = _counts(desired.refusals)
         desired.refusals = _refusals(session)
-        self._wake.set()
+        if _counts(desired.refusals) != before:  # a new peer: now; counts ride on the next beat
+            self._wake.set()
 
     def _allow_list(self, obj: Mapping[str, Any]) -> AllowList:
         """Parsed once per resourceVersion; an entry that is not a CIDR admits nobody."""

@@ -114,7 +114,7 @@ class Forwarder:
         )
         self.log_summary = LogSummary(interval=settings.log_summary_interval)
         authenticator.log_summary = self.log_summary
-        self.allowed_sources = AllowList.parse(settings.allowed_sources)
+        self.allowed_sources = AllowList.parse(settings.source_allow_list)
         self.draining = False
         self._tg: TaskGroup | None = None
         self._server: asyncssh.SSHAcceptor | None = None
@@ -222,7 +222,9 @@ class Forwarder:
         # says nothing about the peer: counted and logged, not reported to the owner.
         kind = "source" if verdict is False else "source-pending"
         self.metrics.refusals.labels(kind=kind).inc()
-        if verdict is False and session.refuse_source(host, self.settings.max_refused_sources):
+        if verdict is False:
+            session.refuse_source(host, self.settings.max_refused_sources)
+            # Counts and times too: a new peer is patched at once, the rest with the next beat.
             self.publisher.refusals_changed(session)
         if self.log_summary.should_log((source_group(host), kind)):
             reason = (

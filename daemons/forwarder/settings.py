@@ -8,6 +8,12 @@ from pathlib import Path
 from shared import config as c
 from shared.auth import CONNECT_SCOPE
 
+LOOPBACK = ("127.0.0.0/8", "::1/128")
+
+
+def optional_cidr_list(raw: object) -> tuple[str, ...] | None:
+    return c.cidr_list(raw)
+
 
 @dataclass(frozen=True, slots=True)
 class ForwarderSettings:
@@ -37,8 +43,9 @@ class ForwarderSettings:
     allowed_services: tuple[str, ...] = c.option(c.name_list, ("scheduler", "dashboard"))
     #: Peers that may connect to any tunnelled service (CIDRs). Kubernetes mode adds, per
     #: Tunnel, the owner's pods and the Dask operator's that the reconciler writes in its
-    #: status; until it has, only these are let in. Loopback only by default.
-    allowed_sources: tuple[str, ...] = c.option(c.cidr_list, ("127.0.0.0/8", "::1/128"))
+    #: status; until it has, only these are let in. Unset: loopback standalone, nothing with
+    #: publish=kubernetes (a sidecar proxy there hands every peer over from 127.0.0.x).
+    allowed_sources: tuple[str, ...] | None = c.option(optional_cidr_list, None)
     #: Distinct refused peers (and refused claimants) remembered and reported per session;
     #: beyond that only counted. At most 64 (the Tunnel CRD's bound).
     max_refused_sources: int = c.option(c.positive_int, 16)
@@ -70,6 +77,12 @@ class ForwarderSettings:
     # Least time between two status.lastHeartbeat patches of one Tunnel.
     tunnel_heartbeat_interval: float = c.option(c.positive_float, 30.0)
     log_level: str = c.option(c.choice("debug", "info", "warning", "error"), "info")
+
+    @property
+    def source_allow_list(self) -> tuple[str, ...]:
+        if self.allowed_sources is not None:
+            return self.allowed_sources
+        return () if self.publish == "kubernetes" else LOOPBACK
 
     def check(self) -> None:
         """Cross-field rules, reported with the same one-line errors as single values."""
