@@ -324,3 +324,28 @@ def test_owner_index_finds_the_tunnels_a_pod_matters_to() -> None:
     annotated["metadata"]["annotations"] = {"hub/user": "alice"}  # type: ignore[index]
     assert anyone.owners_of(annotated) == ["jt/y"]
     assert anyone.owners_of(_pod("ns", "q", "10.0.2.2")) == []
+
+
+def test_pod_index_reads_only_the_pods_a_rule_can_match() -> None:
+    label = "hub.jupyter.org/username"
+    pods = {
+        "jupyter-alice/nb": _pod("jupyter-alice", "nb", "10.0.0.5"),
+        "jupyter-bob/nb": _pod("jupyter-bob", "nb", "10.0.0.6"),
+        "dask-operator/op": _pod("dask-operator", "op", "10.0.9.1"),
+        "jhub/a": _pod("jhub", "a", "10.0.1.1", **{label: "alice"}),
+    }
+    by_ns = sources.PodIndex(UserRules("jupyter-{user}"))
+    by_label = sources.PodIndex(UserRules("", label=label))
+    for index in (by_ns, by_label):
+        for pod in pods.values():
+            index.update("ADDED", pod)
+    names = [p["metadata"]["name"] for p in by_ns.candidates(pods, "alice", "dask-operator")]
+    assert names == ["op", "nb"]
+    got = by_label.candidates(pods, "alice", "")
+    assert [p["metadata"]["namespace"] for p in got] == ["jhub"]
+    relabelled = _pod("jhub", "a", "10.0.1.1", **{label: "bob"})
+    pods["jhub/a"] = relabelled
+    by_label.update("MODIFIED", relabelled)
+    assert by_label.candidates(pods, "alice", "") == []
+    by_ns.update("DELETED", pods.pop("jupyter-alice/nb"))
+    assert by_ns.candidates(pods, "alice", "") == []

@@ -252,6 +252,7 @@ class Reconciler:
         )
         self._source_seen: dict[str, tuple[Any, ...]] = {}
         self._source_owners: dict[str, list[str]] = {}
+        self._pod_index = sources.PodIndex(self.users)
         self._owners = sources.OwnerIndex(self.users)
         self._policy_errors: dict[str, str] = {}
         self._policies_written: set[str] = set()
@@ -477,6 +478,7 @@ class Reconciler:
     def _on_source_pod(self, kind: str, pod: Obj) -> None:
         """A pod got or lost an IP, or changed owner labels: the allow-lists it may be in."""
         key = key_of(pod)
+        self._pod_index.update(kind, pod)
         seen = (
             tuple(sources.pod_ips(pod)),
             tuple(sorted(labels_of(pod).items())),
@@ -505,7 +507,9 @@ class Reconciler:
         user = str((tunnel.get("spec") or {}).get("user"))
         found = sources.allowed_sources(
             user,
-            self.source_pods.cache.values(),
+            self._pod_index.candidates(
+                self.source_pods.cache, user, self.settings.operator_namespace
+            ),
             self.users,
             self.settings.operator_pod_selector,
             self.settings.extra_allowed_sources,

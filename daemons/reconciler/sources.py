@@ -21,7 +21,7 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from daemons.reconciler.kube import Obj, labels_of
+from daemons.reconciler.kube import Obj, key_of, labels_of
 from daemons.reconciler.verify import UserRules, user_slug
 
 #: The CRD's bounds: refused peers per list the forwarder reports, the keys of both lists we
@@ -216,3 +216,53 @@ class OwnerIndex:
             candidates |= self._by_token.get(("label", value), set())
         candidates |= self._by_token.get(("any", ""), set())
         return sorted(k for k in candidates if owned_by_user(pod, self._user[k], self.rules))
+
+
+class PodIndex:
+    """Pod keys by namespace and by the user label's value: a Tunnel's allow-list reads the
+    pods its rules can match, not every pod of the cluster, on each reconcile."""
+
+    def __init__(self, rules: UserRules) -> None:
+        self.rules = rules
+        self._by_ns: dict[str, set[str]] = {}
+        self._by_label: dict[str, set[str]] = {}
+        self._where: dict[str, tuple[str, str | None]] = {}
+
+    def update(self, kind: str, pod: Obj) -> None:
+        meta = pod.get("metadata") or {}
+        key = key_of(pod)
+        previous = self._where.pop(key, None)
+        if previous is not None:
+            _discard(self._by_ns, previous[0], key)
+            if previous[1] is not None:
+                _discard(self._by_label, previous[1], key)
+        if kind == "DELETED":
+            return
+        ns = str(meta.get("namespace"))
+        value = labels_of(pod).get(self.rules.label) if self.rules.label else None
+        self._by_ns.setdefault(ns, set()).add(key)
+        if value is not None:
+            self._by_label.setdefault(str(value), set()).add(key)
+        self._where[key] = (ns, None if value is None else str(value))
+
+    def candidates(self, cache: Mapping[str, Obj], user: str, operator_namespace: str) -> list[Obj]:
+        namespace = self.rules.expected_namespace(user)
+        if namespace is not None:
+            keys = set(self._by_ns.get(namespace, ()))
+        elif self.rules.label:
+            keys = set()
+            for value in {user, user_slug(user, self.rules.slug_scheme)}:
+                keys |= self._by_label.get(value, set())
+        else:
+            keys = set(cache)  # an annotation rule only: no index can narrow it
+        if operator_namespace:
+            keys |= self._by_ns.get(operator_namespace, set())
+        return [cache[k] for k in sorted(keys) if k in cache]
+
+
+def _discard(index: dict[str, set[str]], token: str, key: str) -> None:
+    keys = index.get(token)
+    if keys is not None:
+        keys.discard(key)
+        if not keys:
+            del index[token]
