@@ -131,6 +131,7 @@ def test_refusals_reported_once_per_peer_and_session() -> None:
         "spec": {"sessionId": "s1"},
         "status": {
             "observedSessionId": "s1",
+            "refusalsSessionId": "s1",
             "refusedSources": [{"address": "10.0.0.8", "count": 3}, {"address": "10.0.0.9"}],
             "refusedClaims": [{"address": "192.0.2.7"}],
             "reportedRefusals": ["10.0.0.8"],
@@ -138,8 +139,11 @@ def test_refusals_reported_once_per_peer_and_session() -> None:
     }
     assert [key for key, _ in sources.unreported(tunnel)] == ["10.0.0.9", "claim:192.0.2.7"]
     assert sources.refused_addresses(tunnel) == ("10.0.0.8", "10.0.0.9", "claim:192.0.2.7")
-    # A new session (the same Tunnel, taken over): its own record, nothing told yet.
+    # A new session (the same Tunnel, taken over): the old session's refusals are not news...
     tunnel["spec"] = {"sessionId": "s2"}
+    assert sources.unreported(tunnel) == []
+    # ...its own are, all of them (nothing told for it yet).
+    tunnel["status"]["refusalsSessionId"] = "s2"  # type: ignore[index]
     assert len(sources.unreported(tunnel)) == 3
 
 

@@ -146,15 +146,17 @@ def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any
 # Desired state
 
 
-def _refusals(session: Session) -> dict[str, list[dict[str, object]]]:
-    """What the owner should hear about (a new session starts with none)."""
+def _refusals(session: Session) -> dict[str, Any]:
+    """What the owner should hear about, stamped with the session that saw it (a takeover's
+    new session starts with none, and the old one's are not news)."""
     return {
         "refusedSources": session.refused_sources(),
         "refusedClaims": session.refused_claimants(),
+        "refusalsSessionId": session.id,
     }
 
 
-def _counts(refusals: Mapping[str, list[dict[str, object]]]) -> tuple[int, ...]:
+def _counts(refusals: Mapping[str, Any]) -> tuple[int, ...]:
     return tuple(len(refusals.get(key) or []) for key in ("refusedSources", "refusedClaims"))
 
 
@@ -165,7 +167,7 @@ class _Desired:
     spec: dict[str, Any]
     heartbeat: float
     # status.refusedSources / refusedClaims, as the session last reported them.
-    refusals: dict[str, list[dict[str, object]]] = field(default_factory=dict)
+    refusals: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

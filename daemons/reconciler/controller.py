@@ -131,6 +131,7 @@ class Outcome:
     cluster: str | None = None
     routed_service: str | None = None
     notes: list[tuple[str, str, bool]] = field(default_factory=list)  # DaskCluster events
+    tunnel_notes: list[tuple[str, str, bool]] = field(default_factory=list)  # Tunnel events
     # Who may reach the tunnel (status.allowedSources): nobody beyond the forwarder's own
     # list until the claims verify.
     allowed_sources: list[str] = field(default_factory=list)
@@ -1357,7 +1358,9 @@ class Reconciler:
                     raise
                 return
         for key, entry in refused:
-            outcome.notes.append(_refusal_note(tunnel, key, entry))
+            note = _refusal_note(tunnel, key, entry)
+            outcome.notes.append(note)
+            outcome.tunnel_notes.append(note)  # also where an operator looks, cluster or not
         await self._emit_transitions(tunnel, outcome, transitions, verdict)
 
     async def _emit_transitions(
@@ -1418,6 +1421,10 @@ class Reconciler:
                 on_cluster(job.reason, f"{job.message}; the tunnel is closed", True)
         for reason, message, warning in outcome.notes:
             on_cluster(reason, message, warning)
+        for reason, message, warning in outcome.tunnel_notes:
+            pending.append(
+                functools.partial(self.events.emit, tref, reason, message, warning=warning)
+            )
         async with anyio.create_task_group() as tg:
             for call in pending:
                 tg.start_soon(call)

@@ -140,6 +140,8 @@ REFUSAL_FIELDS = (("refusedSources", ""), ("refusedClaims", CLAIM_PREFIX))
 
 def _refusals(tunnel: Obj) -> list[tuple[str, dict[str, Any]]]:
     status = tunnel.get("status") or {}
+    if status.get("refusalsSessionId") != (tunnel.get("spec") or {}).get("sessionId"):
+        return []  # a previous session's, or none yet: not this session's news
     found = []
     for name, prefix in REFUSAL_FIELDS:
         for entry in (status.get(name) or [])[:MAX_REPORTED]:
