@@ -516,6 +516,20 @@ def _revalidations(fw: RunningForwarder, outcome: str, reason: str) -> float:
 # 4. Hub unavailable: new logins refused, live sessions kept, readiness says so
 
 
+async def survives_outage(
+    fw: RunningForwarder, agent: AgentSession, tunnel: dict[str, Any], address: str
+) -> None:
+    """Two revalidations fail for want of the hub; the session stays published and carries."""
+    before = _revalidations(fw, "unavailable", "hub_unavailable")
+    await wait_for(
+        lambda: _revalidations(fw, "unavailable", "hub_unavailable") >= before + 2,
+        what="two revalidations during the outage",
+    )
+    assert agent.state.published
+    assert [t["id"] for t in await tunnels(fw)] == [tunnel["id"]]
+    assert await echo_roundtrip(address, b"still") == b"A:still"
+
+
 async def test_hub_paused(tmp_path: Path, hub: Hub) -> None:
     alice, bob = hub.user("alice"), hub.user("bob")
     async with (
@@ -552,14 +566,7 @@ async def test_hub_paused(tmp_path: Path, hub: Hub) -> None:
             )
 
             # the live session survives failed revalidations
-            before = _revalidations(fw, "unavailable", "hub_unavailable")
-            await wait_for(
-                lambda: _revalidations(fw, "unavailable", "hub_unavailable") >= before + 2,
-                what="two revalidations during the outage",
-            )
-            assert agent.state.published
-            assert [t["id"] for t in await tunnels(fw)] == [tunnel["id"]]
-            assert await echo_roundtrip(address, b"still") == b"A:still"
+            await survives_outage(fw, agent, tunnel, address)
             assert (await http(fw, "/readyz"))[0] == 503
 
         # the hub answers again: logins work and the forwarder is ready
@@ -654,14 +661,7 @@ async def test_hub_down_and_back(tmp_path: Path, hub: Hub) -> None:
             assert (e["outcome"], e["code"]) == ("unavailable", "hub_unavailable"), e
             assert refused_in < 5.0, f"a refused connection is not a timeout: {refused_in:.2f}s"
             await wait_for(lambda: _status(fw, "/readyz", 503), what="/readyz 503, hub down")
-            before = _revalidations(fw, "unavailable", "hub_unavailable")
-            await wait_for(
-                lambda: _revalidations(fw, "unavailable", "hub_unavailable") >= before + 2,
-                what="two revalidations while the hub is down",
-            )
-            assert agent.state.published
-            assert [t["id"] for t in await tunnels(fw)] == [tunnel["id"]]
-            assert await echo_roundtrip(address, b"down") == b"A:down"
+            await survives_outage(fw, agent, tunnel, address)
 
             await relay.up()
             await wait_for(lambda: login_works(fw, bob.name, bob.token), what="login, hub back")

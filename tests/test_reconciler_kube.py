@@ -1550,11 +1550,7 @@ async def test_routing_does_not_wait_for_a_network_policy_it_may_not_write(
         pod = await call_json(
             world.core.read_namespaced_pod, await world.scheduler_pod_name("np"), world.ns
         )
-        configuration = client.Configuration()
-        await config.load_kube_config(
-            config_file=str(kubeconfig), client_configuration=configuration
-        )
-        async with client.ApiClient(configuration) as sa_api, anyio.create_task_group() as tg:
+        async with await client_for(kubeconfig) as sa_api, anyio.create_task_group() as tg:
             settings = dataclasses.replace(world.settings(), network_policies=True)
             reconciler = Reconciler(settings, api=sa_api)
             with anyio.fail_after(30):
@@ -1567,6 +1563,13 @@ async def test_routing_does_not_wait_for_a_network_policy_it_may_not_write(
             tg.cancel_scope.cancel()
     finally:
         await anyio.to_thread.run_sync(delete_reconciler_rbac, crds, world.fwd_ns)
+
+
+async def client_for(kubeconfig: Path) -> client.ApiClient:
+    """An API client authenticated by ``kubeconfig`` (e.g. a service account's)."""
+    configuration = client.Configuration()
+    await config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
+    return client.ApiClient(configuration)
 
 
 def delete_reconciler_rbac(kube: KubeAPIServer, namespace: str) -> None:
@@ -1590,11 +1593,7 @@ async def test_least_privilege_rbac_is_enough(
         pod = await call_json(
             world.core.read_namespaced_pod, await world.scheduler_pod_name("rb"), world.ns
         )
-        configuration = client.Configuration()
-        await config.load_kube_config(
-            config_file=str(kubeconfig), client_configuration=configuration
-        )
-        async with client.ApiClient(configuration) as sa_api, anyio.create_task_group() as tg:
+        async with await client_for(kubeconfig) as sa_api, anyio.create_task_group() as tg:
             reconciler = Reconciler(world.settings(), api=sa_api, schedd_factory=lambda _n: schedd)
             with anyio.fail_after(30):
                 await tg.start(reconciler.run)

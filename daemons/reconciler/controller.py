@@ -1166,23 +1166,28 @@ class Reconciler:
         status = tunnel.get("status") or {}
         if status.get("allowedSources") == allowed:
             return
+        updated = await self._patch_status(tunnel, {"allowedSources": allowed})
+        if updated is not None:
+            tunnel["status"] = updated.get("status") or {}
+
+    async def _patch_status(self, tunnel: Obj, status: Obj) -> Obj | None:
+        """Merge ``status`` into the Tunnel's; None if the Tunnel is gone."""
         meta = tunnel.get("metadata") or {}
         try:
-            updated = await patch_json(
+            return await patch_json(
                 self._custom.patch_namespaced_custom_object_status,
                 TUNNEL_GROUP,
                 TUNNEL_VERSION,
                 meta["namespace"],
                 TUNNEL_PLURAL,
                 meta["name"],
-                {"status": {"allowedSources": allowed}},
+                {"status": status},
                 request_timeout=self._timeout,
             )
         except ApiException as exc:
             if exc.status != 404:
                 raise
-            return
-        tunnel["status"] = updated.get("status") or {}
+            return None
 
     async def _defence_in_depth(self, key: str, tunnel: Obj, allowed: list[str]) -> None:
         """The NetworkPolicy, without holding routing hostage: the forwarder's allow-list is the
@@ -1299,7 +1304,6 @@ class Reconciler:
 
     async def _finish(self, tunnel: Obj, outcome: Outcome, verdict: Verdict) -> None:
         """Write the status (if it changed) and one Event per transition."""
-        meta = tunnel.get("metadata") or {}
         status = tunnel.get("status") or {}
         old = {c.get("type"): c for c in status.get("conditions") or [] if isinstance(c, dict)}
         wanted: dict[str, tuple[str, str, str]] = {
@@ -1341,22 +1345,8 @@ class Reconciler:
             "reportedRefusals": reported,
         }
         current = {key: status.get(key) for key in new_status}
-        if new_status != current:
-            try:
-                await patch_json(
-                    self._custom.patch_namespaced_custom_object_status,
-                    TUNNEL_GROUP,
-                    TUNNEL_VERSION,
-                    meta["namespace"],
-                    TUNNEL_PLURAL,
-                    meta["name"],
-                    {"status": new_status},
-                    request_timeout=self._timeout,
-                )
-            except ApiException as exc:
-                if exc.status != 404:
-                    raise
-                return
+        if new_status != current and await self._patch_status(tunnel, new_status) is None:
+            return
         for key, entry in refused:
             note = _refusal_note(tunnel, key, entry)
             outcome.notes.append(note)
