@@ -20,6 +20,13 @@ import kopf
 from dask_kubernetes.operator._objects import DaskCluster
 from kr8s.asyncio.objects import Service
 
+#: Printed at import (tests/test_dask_operator_smoke.py looks for it in the operator's log).
+LOADED = "jobtunnel tests: backport of dask/dask-kubernetes#977 loaded"
+
+# On stdout, into the operator's log, at import: the tests check it is loaded (the handler
+# itself runs only when kopf sees the phase at Pending, which it may coalesce away).
+print(LOADED, flush=True)
+
 
 @kopf.on.field("daskcluster.kubernetes.dask.org", field="status.phase", new="Pending")
 async def phase_from_the_scheduler_service(

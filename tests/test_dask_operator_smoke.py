@@ -53,9 +53,9 @@ async def test_operator_is_ready(dask_operator: DaskOperator) -> None:  # noqa: 
         f"handled a DaskCluster after {dask_operator.ready_seconds:.1f}s"
     )
     assert dask_operator.problems() == []
-    # The backported upstream fix is loaded beside the released controller and runs (its
-    # probe DaskCluster went through Pending).
-    assert "Handler 'phase_from_the_scheduler_service" in dask_operator.log()
+    # The backported upstream fix is loaded beside the released controller (it says so at
+    # import: tests.dask_operator_backports.LOADED).
+    assert "jobtunnel tests: backport of dask/dask-kubernetes#977 loaded" in dask_operator.log()
 
 
 async def test_cluster_lifecycle(dask_operator: DaskOperator, namespace: str) -> None:  # noqa: F811
